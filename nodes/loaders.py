@@ -1,0 +1,171 @@
+"""HeadsUpLoader and HeadsUpFaceAnalysisLoader.
+
+ComfyUI clones node classes for every run, so the caches live at module level. Loading happens in
+headsup_core; this file only maps widgets to paths/devices and wraps the model for ComfyUI's memory
+manager.
+"""
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from comfy_api.latest import io
+
+from . import paths
+
+log = logging.getLogger("HeadsUp")
+
+HEADSUP_MODEL = io.Custom("HEADSUP_MODEL")
+FACE_ANALYSIS = io.Custom("HEADSUP_FACE_ANALYSIS")
+
+DTYPES = ["auto", "fp16", "bf16", "fp32"]
+PROVIDERS = ["auto", "CPU", "CUDA", "ROCm", "DirectML", "CoreML"]
+_ORT_PROVIDERS = {"CPU": "CPUExecutionProvider", "CUDA": "CUDAExecutionProvider", "ROCm": "ROCMExecutionProvider",
+                  "DirectML": "DmlExecutionProvider", "CoreML": "CoreMLExecutionProvider"}
+
+_MODEL_CACHE = OrderedDict()  # key -> HeadsUpHandle; two entries so A/B workflows don't reload each run
+_ANALYZER_CACHE = OrderedDict()
+_CACHE_SIZE = 2
+
+
+@dataclass
+class HeadsUpHandle:
+    """What travels on a HEADSUP_MODEL wire: the pipeline and the ModelPatcher that owns its weights."""
+    pipe: object
+    patcher: object
+    name: str
+
+
+def _remember(cache, key, value):
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > _CACHE_SIZE:
+        cache.popitem(last=False)
+
+
+def _stamp(path):
+    # Re-load when a file is replaced in place (a new training checkpoint with the same name).
+    return (os.path.abspath(path), os.path.getmtime(path))
+
+
+def pick_dtype(choice, device):
+    import comfy.model_management as mm
+
+    if choice != "auto":
+        return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[choice]
+    if device.type == "cpu":
+        return torch.float32
+    if mm.should_use_bf16(device):
+        return torch.bfloat16
+    if mm.should_use_fp16(device):
+        return torch.float16
+    return torch.float32
+
+
+class HeadsUpLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="HeadsUpLoader",
+            display_name="HeadsUp Loader",
+            category="HeadsUp",
+            description="Loads a HeadsUp (or OSEDiff) one-step super-resolution model on top of an SD2.x base.",
+            inputs=[
+                io.Combo.Input("weights", options=paths.list_weights(),
+                               tooltip="HeadsUp .safetensors or OSEDiff .pkl weights from models/headsup."),
+                io.Combo.Input("base", options=paths.list_bases(),
+                               tooltip="The SD2.x base the weights were trained on (SD 2.1-base or SD-Turbo): a "
+                                       "single file from models/checkpoints or a folder from models/diffusers."),
+                io.Combo.Input("dtype", options=DTYPES, default="auto",
+                               tooltip="Weight precision. auto: bf16/fp16 where the GPU supports it, fp32 on CPU. "
+                                       "Stages that produce NaNs in half precision are retried in fp32."),
+            ],
+            outputs=[HEADSUP_MODEL.Output(display_name="headsup_model",
+                                          tooltip="The loaded model, managed by ComfyUI's model memory manager.")],
+        )
+
+    @classmethod
+    def execute(cls, weights, base, dtype) -> io.NodeOutput:
+        import comfy.model_management as mm
+        import comfy.model_patcher
+        from headsup_core.pipeline import HeadsUpPipeline
+
+        weights_path = paths.resolve_weights(weights)
+        base_path = paths.resolve_base(base)
+        load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
+        torch_dtype = pick_dtype(dtype, load_device)
+        key = (_stamp(weights_path), _stamp(base_path), str(torch_dtype), str(load_device))
+        handle = _MODEL_CACHE.get(key)
+        if handle is None:
+            log.info("HeadsUp: loading %s on %s (%s)", weights, base, torch_dtype)
+            pipe = HeadsUpPipeline.from_files(base_path, weights_path, device=offload_device, dtype=torch_dtype)
+            patcher = comfy.model_patcher.ModelPatcher(pipe.model, load_device=load_device,
+                                                       offload_device=offload_device)
+            handle = HeadsUpHandle(pipe=pipe, patcher=patcher, name=f"{weights} on {base}")
+        _remember(_MODEL_CACHE, key, handle)
+        return io.NodeOutput(handle)
+
+
+def _providers(choice):
+    return None if choice == "auto" else [_ORT_PROVIDERS[choice]]
+
+
+def _torch_device(choice):
+    import comfy.model_management as mm
+
+    if choice == "auto":
+        return mm.get_torch_device()
+    if choice == "CPU":
+        return torch.device("cpu")
+    if choice in ("CUDA", "ROCm"):  # ROCm builds of torch expose the GPU as "cuda"
+        return torch.device("cuda")
+    from headsup_core.errors import InputImageError
+
+    raise InputImageError(f"The provider '{choice}' is only available with the insightface backend; "
+                          "choose auto, CPU or CUDA for facexlib.")
+
+
+class HeadsUpFaceAnalysisLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="HeadsUpFaceAnalysisLoader",
+            display_name="HeadsUp Face Analysis Loader",
+            category="HeadsUp",
+            description="Loads a face detector + identity model used to place references and build the face mask.",
+            inputs=[
+                io.Combo.Input("backend", options=["insightface", "facexlib"], default="insightface",
+                               tooltip="insightface: ONNX packs (detection + ArcFace identity; non-commercial "
+                                       "licence). facexlib: RetinaFace/BiSeNet in torch from models/facedetection."),
+                io.Combo.Input("pack", options=paths.list_face_packs(),
+                               tooltip="insightface pack from models/insightface/models/<pack>/ (antelopev2, "
+                                       "buffalo_l, ...). With the facexlib backend, choose "
+                                       f"'{paths.FACEXLIB_PACK}'."),
+                io.Combo.Input("provider", options=PROVIDERS, default="auto",
+                               tooltip="Where face analysis runs. auto: the best available. A GPU provider that is "
+                                       "not installed is an error, never a silent CPU fallback."),
+            ],
+            outputs=[FACE_ANALYSIS.Output(display_name="face_analysis",
+                                          tooltip="Face detector + identity model.")],
+        )
+
+    @classmethod
+    def execute(cls, backend, pack, provider) -> io.NodeOutput:
+        from headsup_core.errors import InputImageError
+
+        if backend == "insightface":
+            if pack == paths.FACEXLIB_PACK:
+                raise InputImageError("The insightface backend needs an insightface pack; choose one from the "
+                                      "pack list (for example antelopev2 or buffalo_l), not the facexlib folder.")
+            root, kwargs = paths.resolve_insightface_root(pack), dict(pack=pack, providers=_providers(provider))
+        else:
+            root, kwargs = paths.facexlib_root(), dict(device=_torch_device(provider))
+        key = (backend, root, pack, provider)
+        analyzer = _ANALYZER_CACHE.get(key)
+        if analyzer is None:
+            from headsup_core.faces import load_face_analyzer
+
+            analyzer = load_face_analyzer(backend=backend, model_root=root, **kwargs)
+        _remember(_ANALYZER_CACHE, key, analyzer)
+        return io.NodeOutput(analyzer)

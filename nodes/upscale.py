@@ -1,0 +1,124 @@
+"""HeadsUpUpscale: runs the one-step pipeline inside ComfyUI's memory manager, with progress and interrupts."""
+import logging
+
+import torch
+from comfy_api.latest import io
+
+from .loaders import FACE_ANALYSIS, HEADSUP_MODEL
+from .reference import HEADSUP_REFERENCE
+
+log = logging.getLogger("HeadsUp")
+
+COLOR_FIXES = ["adain", "wavelet", "none"]
+DEFAULT_TILE = 512   # output pixels; used as the starting point for halving when the widget says 0 (auto)
+MIN_TILE = 64
+# Rough activation memory per output pixel of one tile at fp32 (VAE decoder dominated); OOM retry covers misses.
+BYTES_PER_TILE_PIXEL_FP32 = 12 * 1024
+
+
+def memory_estimate(image, scale, tile, dtype):
+    tile = tile or DEFAULT_TILE
+    per_tile = tile * tile * BYTES_PER_TILE_PIXEL_FP32 * (torch.finfo(dtype).bits / 32)
+    out_pixels = image.shape[0] * image.shape[1] * image.shape[2] * scale * scale
+    return int(per_tile + out_pixels * 4 * 4)  # + the float output image and its blend weights
+
+
+def prompt_embeds_from(conditioning, unet):
+    """CONDITIONING -> the 1xTxD text embedding, checked against the UNet's cross-attention width."""
+    from headsup_core.errors import InputImageError
+
+    if conditioning is None:
+        return None
+    emb = conditioning[0][0]
+    expected = getattr(unet.config, "cross_attention_dim", None)
+    if emb.ndim != 3 or (expected is not None and emb.shape[-1] != expected):
+        raise InputImageError(
+            f"The conditioning has {emb.shape[-1]}-wide text embeddings but this HeadsUp base expects {expected}; "
+            "encode the prompt with the CLIP of an SD2.x checkpoint (CLIPTextEncode) or leave it unconnected.")
+    return emb[:1]
+
+
+class HeadsUpUpscale(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="HeadsUpUpscale",
+            display_name="HeadsUp Upscale",
+            category="HeadsUp",
+            description="One-step diffusion super-resolution of whole portraits, with optional identity "
+                        "references for the faces.",
+            inputs=[
+                HEADSUP_MODEL.Input("model", tooltip="From HeadsUp Loader."),
+                io.Image.Input("image", tooltip="The low-quality image(s) to upscale."),
+                io.Float.Input("scale", default=4.0, min=1.0, max=8.0, step=0.5,
+                               tooltip="Upscale factor. 4 is what the model is trained for."),
+                io.Int.Input("tile_size", default=0, min=0, max=8192, step=64,
+                             tooltip="Output tile size in pixels; 0 picks it automatically. Smaller tiles need "
+                                     "less memory; on out-of-memory the tile is halved and the run retried."),
+                io.Combo.Input("color_fix", options=COLOR_FIXES, default="adain",
+                               tooltip="Keep the input's colours: adain matches per-channel mean/std, wavelet "
+                                       "keeps the input's low frequencies, none leaves the model output."),
+                HEADSUP_REFERENCE.Input("reference", optional=True,
+                                        tooltip="Identity reference(s) from HeadsUp Reference Encoder."),
+                FACE_ANALYSIS.Input("face_analysis", optional=True,
+                                    tooltip="Face analysis used to find the faces in the image. Without it, the "
+                                            "reference's own face analysis is used; with neither, no face mask."),
+                io.Conditioning.Input("conditioning", optional=True,
+                                      tooltip="Optional prompt (e.g. CLIPTextEncode with an SD2.x CLIP). Without "
+                                              "it the prompt embedding stored in the weights is used."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="image", tooltip="The upscaled image(s)."),
+                io.Mask.Output(display_name="face_mask", tooltip="The face mask the model was conditioned on."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, image, scale, tile_size, color_fix, reference=None, face_analysis=None,
+                conditioning=None) -> io.NodeOutput:
+        import comfy.model_management as mm
+        import comfy.utils
+        from headsup_core.errors import HeadsUpError, InterruptedByUser
+
+        pipe = model.pipe
+        references = list(reference.references) if reference is not None else None
+        analyzer = face_analysis if face_analysis is not None else getattr(reference, "analyzer", None)
+        embeds = prompt_embeds_from(conditioning, pipe.model.unet)
+        dtype = next(pipe.model.parameters()).dtype
+        bar = {}
+
+        def progress(done, total):
+            mm.throw_exception_if_processing_interrupted()
+            if bar.get("total") != total:
+                bar["total"], bar["pbar"] = total, comfy.utils.ProgressBar(total)
+            bar["pbar"].update_absolute(done, total)
+
+        tile = tile_size or None
+        while True:
+            mm.load_models_gpu([model.patcher], memory_required=memory_estimate(image, scale, tile, dtype),
+                               force_full_load=True)
+            try:
+                out, info = pipe.upscale(image, scale=scale, reference=references, tile_size=tile,
+                                         color_fix=color_fix, prompt_embeds=embeds, face_analyzer=analyzer,
+                                         progress=progress, return_info=True)
+                break
+            except mm.OOM_EXCEPTION:
+                mm.soft_empty_cache(True)
+                tile = (tile or DEFAULT_TILE) // 2
+                if tile < MIN_TILE:
+                    raise HeadsUpError("HeadsUp ran out of memory even with 64-pixel tiles; free memory (close "
+                                       "other models) or use a smaller image.") from None
+                log.warning("HeadsUp: out of memory, retrying with tile_size=%d", tile)
+            except InterruptedByUser:
+                raise mm.InterruptProcessingException() from None
+
+        device = mm.intermediate_device()
+        mask = info.get("face_mask")
+        if mask is None:
+            mask = torch.zeros(out.shape[0], 1, out.shape[1], out.shape[2])
+        mask = mask.to(device=device, dtype=torch.float32).squeeze(1)
+        for i, faces in enumerate(info.get("assignments") or []):
+            for a in faces or []:
+                log.info("HeadsUp image %d: face %s -> reference %s (similarity %s)", i, a.get("box"),
+                         a.get("reference_index"), a.get("similarity"))
+        return io.NodeOutput(out.to(device), mask)

@@ -1,0 +1,196 @@
+"""ComfyUI nodes without ComfyUI: schemas, model folders, and the node glue (memory manager, progress,
+interrupts, OOM retry, conditioning) against the stand-in in tests/comfy_stub and a fake pipeline."""
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "comfy_stub"))
+import harness  # noqa: E402
+
+sys.path.remove(str(Path(__file__).parent / "comfy_stub"))
+
+from headsup_core.errors import HeadsUpError, InputImageError, MissingModelError  # noqa: E402
+
+NODE_IDS = ["HeadsUpLoader", "HeadsUpFaceAnalysisLoader", "HeadsUpReferenceEncoder", "HeadsUpUpscale"]
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory):
+    models = tmp_path_factory.mktemp("models")
+    for sub in ("headsup", "checkpoints", "diffusers/sd21/unet", "insightface/models/mypack", "facedetection"):
+        (models / sub).mkdir(parents=True)
+    (models / "headsup" / "headsup.safetensors").write_bytes(b"x")
+    (models / "headsup" / "osediff.pkl").write_bytes(b"x")
+    (models / "headsup" / "notes.txt").write_text("not a model")
+    (models / "checkpoints" / "v2-1_512-ema-pruned.safetensors").write_bytes(b"x")
+    (models / "diffusers" / "sd21" / "model_index.json").write_text("{}")
+    (models / "insightface" / "models" / "mypack" / "det.onnx").write_bytes(b"x")
+    p = harness.load_pack(models)
+    p.models = models
+    yield p
+    harness.unload()
+
+
+def test_root_imports_without_comfyui():
+    # A fresh interpreter with no ComfyUI (nor the stand-in) on the path: importing the pack must work.
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import harness; harness.STUB_DIR=None; "
+            "m = harness.import_pack_root('pack_plain'); "
+            "assert callable(m.comfy_entrypoint) and not hasattr(m, 'NODE_CLASS_MAPPINGS'); "
+            "assert 'comfy_api' not in sys.modules and 'folder_paths' not in sys.modules; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent / "comfy_stub")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_entrypoint_lists_four_nodes_with_tooltips(pack):
+    assert sorted(pack.nodes) == sorted(NODE_IDS)
+    for node_id, cls in pack.nodes.items():
+        schema = cls.GET_SCHEMA()
+        assert schema.category == "HeadsUp"
+        assert schema.display_name and schema.description
+        for i in schema.inputs:
+            assert i.tooltip, f"{node_id}.{i.id} has no tooltip"
+        for o in schema.outputs:
+            assert o.tooltip, f"{node_id} output {o.display_name} has no tooltip"
+
+
+def _inputs(pack, node_id):
+    return {i.id: i for i in pack.nodes[node_id].GET_SCHEMA().inputs}
+
+
+def test_loader_lists_models_from_the_folders(pack):
+    ins = _inputs(pack, "HeadsUpLoader")
+    assert ins["weights"].options == ["headsup.safetensors", "osediff.pkl"]
+    assert ins["base"].options == ["v2-1_512-ema-pruned.safetensors", "diffusers/sd21"]
+    assert ins["dtype"].options == ["auto", "fp16", "bf16", "fp32"]
+    packs = _inputs(pack, "HeadsUpFaceAnalysisLoader")["pack"].options
+    assert packs[0] == "mypack" and "antelopev2" in packs and packs[-1].startswith("facedetection")
+
+
+def test_upscale_inputs_optional_sockets(pack):
+    ins = _inputs(pack, "HeadsUpUpscale")
+    assert [i for i in ins] == ["model", "image", "scale", "tile_size", "color_fix", "reference",
+                                "face_analysis", "conditioning"]
+    assert [i for i in ins if ins[i].optional] == ["reference", "face_analysis", "conditioning"]
+    assert ins["color_fix"].options == ["adain", "wavelet", "none"] and ins["scale"].default == 4.0
+
+
+def test_folder_registration_keeps_existing_entries(pack, tmp_path):
+    fp = pack.folder_paths
+    fp.folder_names_and_paths["headsup"] = ([str(tmp_path / "from_yaml")], set())
+    pack.module("nodes.paths").register_folders()
+    paths, exts = fp.folder_names_and_paths["headsup"]
+    assert paths[0] == str(tmp_path / "from_yaml")
+    assert str(pack.models / "headsup") in paths
+    assert ".safetensors" in exts and ".pkl" in exts
+    for name in ("insightface", "facedetection"):
+        assert str(pack.models / name) in fp.folder_names_and_paths[name][0]
+
+
+def test_base_resolution_and_missing_files(pack):
+    paths = pack.module("nodes.paths")
+    assert paths.resolve_base("diffusers/sd21") == str(pack.models / "diffusers" / "sd21")
+    assert paths.resolve_base("v2-1_512-ema-pruned.safetensors").endswith("v2-1_512-ema-pruned.safetensors")
+    with pytest.raises(MissingModelError, match="gone.safetensors.*models/headsup"):
+        pack.nodes["HeadsUpLoader"].execute(weights="gone.safetensors", base="diffusers/sd21", dtype="auto")
+    with pytest.raises(MissingModelError, match="insightface pack 'antelopev2'.*models/antelopev2"):
+        pack.nodes["HeadsUpFaceAnalysisLoader"].execute(backend="insightface", pack="antelopev2",
+                                                        provider="auto")
+    with pytest.raises(InputImageError, match="insightface backend needs an insightface pack"):
+        pack.nodes["HeadsUpFaceAnalysisLoader"].execute(backend="insightface", pack=paths.FACEXLIB_PACK,
+                                                        provider="auto")
+
+
+class FakeModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.unet = SimpleNamespace(config=SimpleNamespace(cross_attention_dim=8))
+
+
+class FakePipe:
+    """Records calls; raises OOM while tile_size is above `oom_above`; reports `tiles` progress steps."""
+
+    def __init__(self, oom_above=None, tiles=3):
+        self.model, self.calls, self.oom_above, self.tiles = FakeModel(), [], oom_above, tiles
+
+    def upscale(self, image, scale=4.0, reference=None, prompt=None, tile_size=None, color_fix="adain", seed=0, *,
+                prompt_embeds=None, face_analyzer=None, progress=None, return_info=False):
+        self.calls.append(dict(tile_size=tile_size, reference=reference, prompt_embeds=prompt_embeds,
+                               face_analyzer=face_analyzer, color_fix=color_fix))
+        if self.oom_above is not None and (tile_size or 512) > self.oom_above:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
+        for t in range(self.tiles):
+            progress(t + 1, self.tiles)
+        b, h, w, c = image.shape
+        out = image.repeat_interleave(int(scale), 1).repeat_interleave(int(scale), 2)
+        info = {"face_mask": torch.ones(b, 1, h * int(scale), w * int(scale)), "assignments": [[]] * b}
+        return (out, info) if return_info else out
+
+
+def _handle(pack, pipe):
+    import comfy.model_patcher
+
+    Handle = pack.module("nodes.loaders").HeadsUpHandle
+    return Handle(pipe=pipe, patcher=comfy.model_patcher.ModelPatcher(pipe.model, "cpu", "cpu"), name="fake")
+
+
+def _run_upscale(pack, pipe, **kw):
+    args = dict(image=torch.rand(2, 8, 6, 3), scale=2.0, tile_size=0, color_fix="adain")
+    args.update(kw)
+    return pack.nodes["HeadsUpUpscale"].execute(model=_handle(pack, pipe), **args)
+
+
+def test_upscale_loads_through_memory_manager_and_reports_progress(pack):
+    pack.mm.LOADS.clear()
+    pack.utils.UPDATES.clear()
+    pipe = FakePipe(tiles=3)
+    out = _run_upscale(pack, pipe)
+    image, mask = out.result
+    assert image.shape == (2, 16, 12, 3) and mask.shape == (2, 16, 12)
+    assert len(pack.mm.LOADS) == 1
+    models, memory_required, full = pack.mm.LOADS[0]
+    assert models[0].model is pipe.model and full is True and memory_required > 0
+    assert pack.utils.UPDATES == [(1, 3), (2, 3), (3, 3)]
+    assert pipe.calls[0]["tile_size"] is None  # 0 in the widget means "let the pipeline choose"
+
+
+def test_upscale_halves_tile_on_oom(pack):
+    pack.mm.LOADS.clear()
+    pipe = FakePipe(oom_above=128)
+    image, _ = _run_upscale(pack, pipe, tile_size=512).result
+    assert [c["tile_size"] for c in pipe.calls] == [512, 256, 128]
+    assert image.shape[1] == 16 and len(pack.mm.LOADS) == 3
+    with pytest.raises(HeadsUpError, match="out of memory"):
+        _run_upscale(pack, FakePipe(oom_above=1), tile_size=256)
+
+
+def test_upscale_is_interruptible_between_tiles(pack):
+    pipe = FakePipe(tiles=5)
+    pack.mm.interrupt_current_processing(True)
+    with pytest.raises(pack.mm.InterruptProcessingException):
+        _run_upscale(pack, pipe)
+    assert not pack.mm.processing_interrupted()
+
+
+def test_conditioning_is_passed_and_checked(pack):
+    pipe = FakePipe()
+    emb = torch.randn(1, 77, 8)
+    _run_upscale(pack, pipe, conditioning=[[emb, {"pooled_output": None}]])
+    assert pipe.calls[-1]["prompt_embeds"] is emb or torch.equal(pipe.calls[-1]["prompt_embeds"], emb)
+    with pytest.raises(InputImageError, match="768-wide.*expects 8"):
+        _run_upscale(pack, pipe, conditioning=[[torch.randn(1, 77, 768), {}]])
+
+
+def test_reference_carries_its_analyzer(pack):
+    ReferenceSet = pack.module("nodes.reference").ReferenceSet
+    pipe, analyzer, other = FakePipe(), object(), object()
+    _run_upscale(pack, pipe, reference=ReferenceSet(references=("r1", "r2"), analyzer=analyzer))
+    assert pipe.calls[-1]["reference"] == ["r1", "r2"] and pipe.calls[-1]["face_analyzer"] is analyzer
+    _run_upscale(pack, pipe, reference=ReferenceSet(references=("r1",), analyzer=analyzer), face_analysis=other)
+    assert pipe.calls[-1]["face_analyzer"] is other
