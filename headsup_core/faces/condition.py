@@ -1,0 +1,186 @@
+"""Face-aware conditioning: match references to faces, warp them onto a canvas, and build the face mask.
+
+Everything is rendered per face inside that face's bounding window only (``align.warp_into_roi``), so a 4K/8K
+output costs the full-size canvas and mask tensors plus a few face-sized buffers, never a full-size float copy
+per face.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ..errors import FaceError
+from .align import FACE_ELLIPSE_512, apply, cv2_module, estimate_similarity, roi_of, scale_of, template, warp_into_roi
+from .analyzer import check_image
+from .types import DetectedFace, FaceCondition, Reference
+
+log = logging.getLogger(__name__)
+
+MASK_MARGIN = 0.10  # the face region is grown by this fraction of the face size, then feathered by half of it
+
+
+def match_references(face_embeddings, ref_embeddings, threshold: float = 0.3) -> list[tuple[int | None, float | None]]:
+    """One-to-one greedy matching by cosine similarity; returns (reference index, similarity) per face.
+
+    Pairs are taken in order of decreasing similarity, so every reference goes to the face it matches best
+    unless a better-matching reference already took that face; pairs below ``threshold`` are never made.
+    If identity is unavailable (any embedding is None) a single reference goes to the first (largest) face
+    with similarity None; several references then raise ``FaceError``.
+    """
+    n_faces, n_refs = len(face_embeddings), len(ref_embeddings)
+    out: list[tuple[int | None, float | None]] = [(None, None)] * n_faces
+    if n_faces == 0 or n_refs == 0:
+        return out
+    if any(e is None for e in face_embeddings) or any(e is None for e in ref_embeddings):
+        if n_refs > 1:
+            raise FaceError("Several references need identity embeddings to be matched to faces, but the face "
+                            "analyzer has no recognizer; load one with a recognizer (insightface pack) or give one "
+                            "reference.")
+        log.warning("no identity embeddings: the reference goes to the largest face without an identity check")
+        out[0] = (0, None)
+        return out
+    faces = np.stack([np.asarray(e, np.float32) for e in face_embeddings])
+    refs = np.stack([np.asarray(e, np.float32) for e in ref_embeddings])
+    sims = faces @ refs.T
+    used_faces, used_refs = set(), set()
+    for flat in np.argsort(-sims, axis=None, kind="stable"):
+        f, r = divmod(int(flat), n_refs)
+        if sims[f, r] < threshold:
+            break
+        if f in used_faces or r in used_refs:
+            continue
+        out[f] = (r, float(sims[f, r]))
+        used_faces.add(f)
+        used_refs.add(r)
+    return out
+
+
+def _face_region(template_mask: np.ndarray | None, m_tpl: np.ndarray, face: DetectedFace, out_hw, size: float):
+    """Soft mask of one face inside its window: (roi, float32 mask) or None when the face is off-image."""
+    cv2 = cv2_module()
+    margin = MASK_MARGIN * size
+    sigma = margin / 2.0
+    (cx, cy), (ax, ay) = FACE_ELLIPSE_512
+    ellipse = apply(m_tpl, np.array([[cx - ax, cy - ay], [cx + ax, cy - ay], [cx - ax, cy + ay], [cx + ax, cy + ay]]))
+    x1, y1, x2, y2 = (float(v) for v in face.bbox)
+    box = np.array([[x1, y1], [x2, y2]], np.float32)
+    roi = roi_of(np.concatenate([ellipse, box]), out_hw, margin=margin + 3.0 * sigma + 2.0)
+    if roi is None:
+        return None
+    rx0, ry0, rx1, ry1 = roi
+    region = np.zeros((ry1 - ry0, rx1 - rx0), np.uint8)
+    if template_mask is not None:  # parsing mask in template space, grown by the margin
+        grown = cv2.dilate((template_mask > 0.5).astype(np.uint8) * 255,
+                           cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * int(margin / scale_of(m_tpl)) + 1,) * 2))
+        region = warp_into_roi(grown, m_tpl, roi, flags=cv2.INTER_LINEAR)
+    else:  # the template face ellipse, mapped through the landmarks' similarity, grown by the margin
+        s = scale_of(m_tpl)
+        angle = float(np.degrees(np.arctan2(m_tpl[1, 0], m_tpl[0, 0])))
+        centre = apply(m_tpl, np.array([[cx, cy]]))[0] - (rx0, ry0)
+        axes = (int(round(ax * s + margin)), int(round(ay * s + margin)))
+        cv2.ellipse(region, (int(round(centre[0])), int(round(centre[1]))), axes, angle, 0, 360, 255, -1)
+    # The detector's box is always inside the mask, so faces are covered even when landmarks are off.
+    bx0, by0 = int(np.floor(x1 - margin)) - rx0, int(np.floor(y1 - margin)) - ry0
+    bx1, by1 = int(np.ceil(x2 + margin)) - rx0, int(np.ceil(y2 + margin)) - ry0
+    cv2.rectangle(region, (bx0, by0), (bx1, by1), 255, -1)
+    soft = cv2.GaussianBlur(region.astype(np.float32) / 255.0, (0, 0), sigmaX=max(sigma, 0.5))
+    return roi, soft
+
+
+def _sorted_faces(faces: list[DetectedFace]) -> list[DetectedFace]:
+    """Stable left-to-right, top-to-bottom order, so face indices in reports are easy to read."""
+    return sorted(faces, key=lambda f: (round(float(f.bbox[0])), round(float(f.bbox[1]))))
+
+
+def build_face_condition(lq_rgb: np.ndarray, out_size, analyzer, references=None, match_threshold: float = 0.3,
+                         mask_without_reference: bool = True, face_indices=None, faces=None) -> FaceCondition:
+    """Detect faces in the low-quality input and build the reference canvas and face mask at ``out_size``.
+
+    ``lq_rgb``: HxWx3 uint8 RGB, the input before upscaling. ``out_size``: (H_out, W_out). ``references``: None,
+    a ``Reference`` or a list of them. ``face_indices``: process only these faces (indices in the left-to-right
+    order reported in ``assignments``); the others get neither mask nor reference. ``faces``: already detected
+    faces in LQ coordinates (skips detection). Faces with a reference are always masked; faces without one
+    only if ``mask_without_reference``.
+    """
+    import torch
+
+    cv2 = cv2_module()
+    lq = check_image(lq_rgb)
+    h_out, w_out = int(out_size[0]), int(out_size[1])
+    h_in, w_in = lq.shape[:2]
+    refs: list[Reference] = [] if references is None else (
+        [references] if isinstance(references, Reference) else list(references))
+    for i, r in enumerate(refs):
+        if not isinstance(r, Reference):
+            raise FaceError(f"Reference {i} is a {type(r).__name__}, not an encoded Reference; encode photos with "
+                            "encode_reference() first.")
+    if faces is None:
+        faces = analyzer.detect(lq) if analyzer is not None else []
+    faces = _sorted_faces(faces)
+    selected = set(range(len(faces))) if face_indices is None else {int(i) for i in face_indices}
+    chosen = [i for i in range(len(faces)) if i in selected]
+    matches = match_references([faces[i].embedding for i in chosen], [r.embedding for r in refs], match_threshold)
+    per_face = {i: m for i, m in zip(chosen, matches)}
+    if refs and not faces:
+        log.warning("references were given but no face was found in the input; running without them")
+
+    canvas = torch.zeros(1, 3, h_out, w_out, dtype=torch.float32)
+    mask = torch.zeros(1, 1, h_out, w_out, dtype=torch.float32)
+    sx, sy = w_out / w_in, h_out / h_in
+    tpl = template()
+    assignments = []
+    for i, face_lq in enumerate(faces):
+        face = face_lq.scaled(sx, sy)
+        ref_idx, sim = per_face.get(i, (None, None))
+        assignments.append({"face_index": i, "box": [round(float(v), 2) for v in face.bbox],
+                            "reference_index": ref_idx, "similarity": None if sim is None else round(sim, 4),
+                            "selected": i in selected})
+        if i not in selected or (ref_idx is None and not mask_without_reference):
+            continue
+        try:
+            m_tpl = estimate_similarity(tpl, face.kps)  # template (= crop) space -> output image
+        except ValueError:
+            log.warning("face %d has degenerate landmarks; skipped", i)
+            continue
+        size = max(scale_of(m_tpl) * 512.0 * 0.5, 1.0)  # about the face's extent in output pixels
+        parse = getattr(analyzer, "parse_mask", None)
+        tpl_mask = None
+        if parse is not None and getattr(analyzer, "parser", None) is not None:
+            from .align import align_face
+
+            crop, _, _ = align_face(lq, face_lq.kps)
+            tpl_mask = parse(crop)
+        region = _face_region(tpl_mask, m_tpl, face, (h_out, w_out), size)
+        if region is not None:
+            (x0, y0, x1, y1), soft = region
+            view = mask[0, 0, y0:y1, x0:x1]
+            torch.maximum(view, torch.from_numpy(soft), out=view)
+        if ref_idx is not None:
+            _place_reference(canvas, refs[ref_idx], face, (h_out, w_out), cv2)
+    return FaceCondition(canvas=canvas, mask=mask, assignments=assignments,
+                         has_reference=any(a["reference_index"] is not None for a in assignments))
+
+
+def _place_reference(canvas, ref: Reference, face: DetectedFace, out_hw, cv2) -> None:
+    """Warp the reference crop so that its landmarks land on the face's landmarks, inside the face window."""
+    import torch
+
+    crop, kps = ref.crop, ref.kps
+    m = estimate_similarity(kps, face.kps)  # crop -> output image
+    if scale_of(m) < 0.75:  # shrink with area averaging first; warpAffine alone would alias the fine detail
+        side = max(8, int(round(crop.shape[0] * scale_of(m))))
+        kps = (kps + 0.5) * (side / crop.shape[0]) - 0.5
+        crop = cv2.resize(crop, (side, side), interpolation=cv2.INTER_AREA)
+        m = estimate_similarity(kps, face.kps)
+    size = crop.shape[0]
+    corners = apply(m, np.array([[0, 0], [size, 0], [0, size], [size, size]], np.float32))
+    roi = roi_of(corners, out_hw, margin=1.0)
+    if roi is None:
+        return
+    x0, y0, x1, y1 = roi
+    warped = warp_into_roi(crop, m, roi, flags=cv2.INTER_CUBIC if scale_of(m) > 1.0 else cv2.INTER_LINEAR)
+    valid = warp_into_roi(np.full(crop.shape[:2], 255, np.uint8), m, roi, flags=cv2.INTER_NEAREST) > 0
+    patch = torch.from_numpy(warped).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    view = canvas[0, :, y0:y1, x0:x1]
+    view.copy_(torch.where(torch.from_numpy(valid)[None], patch, view))
