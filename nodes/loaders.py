@@ -107,23 +107,13 @@ class HeadsUpLoader(io.ComfyNode):
         return io.NodeOutput(handle)
 
 
-def _providers(choice):
-    return None if choice == "auto" else [_ORT_PROVIDERS[choice]]
-
-
-def _torch_device(choice):
+def _device_options(choice):
+    """Widget -> load_face_analyzer kwargs. auto follows ComfyUI's device (so --cpu keeps faces on the CPU)."""
     import comfy.model_management as mm
 
     if choice == "auto":
-        return mm.get_torch_device()
-    if choice == "CPU":
-        return torch.device("cpu")
-    if choice in ("CUDA", "ROCm"):  # ROCm builds of torch expose the GPU as "cuda"
-        return torch.device("cuda")
-    from headsup_core.errors import InputImageError
-
-    raise InputImageError(f"The provider '{choice}' is only available with the insightface backend; "
-                          "choose auto, CPU or CUDA for facexlib.")
+        return dict(device=str(mm.get_torch_device()))
+    return dict(providers=[_ORT_PROVIDERS[choice]], device="cpu" if choice == "CPU" else "cuda")
 
 
 class HeadsUpFaceAnalysisLoader(io.ComfyNode):
@@ -139,9 +129,10 @@ class HeadsUpFaceAnalysisLoader(io.ComfyNode):
                                tooltip="insightface: ONNX packs (detection + ArcFace identity; non-commercial "
                                        "licence). facexlib: RetinaFace/BiSeNet in torch from models/facedetection."),
                 io.Combo.Input("pack", options=paths.list_face_packs(),
-                               tooltip="insightface pack from models/insightface/models/<pack>/ (antelopev2, "
-                                       "buffalo_l, ...). With the facexlib backend, choose "
-                                       f"'{paths.FACEXLIB_PACK}'."),
+                               tooltip="insightface: a pack from models/insightface/models/<pack>/ (antelopev2, "
+                                       "buffalo_l, ...). facexlib: a 'facexlib/...' RetinaFace detector, read from "
+                                       "models/facedetection (facexlib gives no identity, so references are "
+                                       "placed by face size and position only)."),
                 io.Combo.Input("provider", options=PROVIDERS, default="auto",
                                tooltip="Where face analysis runs. auto: the best available. A GPU provider that is "
                                        "not installed is an error, never a silent CPU fallback."),
@@ -154,14 +145,22 @@ class HeadsUpFaceAnalysisLoader(io.ComfyNode):
     def execute(cls, backend, pack, provider) -> io.NodeOutput:
         from headsup_core.errors import InputImageError
 
+        is_facexlib_pack = pack.startswith(paths.FACEXLIB_PREFIX)
         if backend == "insightface":
-            if pack == paths.FACEXLIB_PACK:
-                raise InputImageError("The insightface backend needs an insightface pack; choose one from the "
-                                      "pack list (for example antelopev2 or buffalo_l), not the facexlib folder.")
-            root, kwargs = paths.resolve_insightface_root(pack), dict(pack=pack, providers=_providers(provider))
+            if is_facexlib_pack:
+                raise InputImageError(f"The insightface backend needs an insightface pack, not '{pack}'; choose "
+                                      "one such as antelopev2 or buffalo_l, or switch the backend to facexlib.")
+            root, kwargs = paths.resolve_insightface_root(pack), dict(pack=pack)
         else:
-            root, kwargs = paths.facexlib_root(), dict(device=_torch_device(provider))
-        key = (backend, root, pack, provider)
+            if not is_facexlib_pack:
+                raise InputImageError(f"The facexlib backend needs a 'facexlib/...' detector in the pack list, "
+                                      f"not the insightface pack '{pack}'.")
+            if provider in ("DirectML", "CoreML"):
+                raise InputImageError(f"facexlib runs in torch and cannot use the {provider} provider; choose "
+                                      "auto, CPU, CUDA or ROCm, or use the insightface backend.")
+            root, kwargs = paths.facexlib_root(), dict(detector=pack[len(paths.FACEXLIB_PREFIX):])
+        kwargs.update(_device_options(provider))
+        key = (backend, root, pack, provider, kwargs.get("device"))
         analyzer = _ANALYZER_CACHE.get(key)
         if analyzer is None:
             from headsup_core.faces import load_face_analyzer

@@ -15,7 +15,8 @@ from headsup_core.errors import MissingModelError  # noqa: F401  (re-exported fo
 WEIGHT_EXTENSIONS = {".safetensors", ".pkl"}
 DIFFUSERS_PREFIX = "diffusers/"
 KNOWN_INSIGHTFACE_PACKS = ("antelopev2", "buffalo_l")
-FACEXLIB_PACK = "facedetection (facexlib)"
+FACEXLIB_PREFIX = "facexlib/"  # pack entries for the facexlib backend name its RetinaFace detector
+FACEXLIB_DETECTORS = ("retinaface_resnet50", "retinaface_mobile0.25")
 
 
 def register_folders():
@@ -50,7 +51,7 @@ def list_bases():
 
 def list_face_packs():
     """insightface packs found on disk, the well-known pack names (so a missing one gets a clear error),
-    and the facexlib folder."""
+    then the facexlib detectors (read from models/facedetection)."""
     found = set()
     for root in folder_paths.get_folder_paths("insightface"):
         packs_dir = os.path.join(root, "models")
@@ -59,7 +60,8 @@ def list_face_packs():
                 d = os.path.join(packs_dir, name)
                 if os.path.isdir(d) and any(f.endswith(".onnx") for f in os.listdir(d)):
                     found.add(name)
-    return sorted(found) + [p for p in KNOWN_INSIGHTFACE_PACKS if p not in found] + [FACEXLIB_PACK]
+    return (sorted(found) + [p for p in KNOWN_INSIGHTFACE_PACKS if p not in found]
+            + [FACEXLIB_PREFIX + d for d in FACEXLIB_DETECTORS])
 
 
 def _missing(folder, name, what):

@@ -69,7 +69,8 @@ def test_loader_lists_models_from_the_folders(pack):
     assert ins["base"].options == ["v2-1_512-ema-pruned.safetensors", "diffusers/sd21"]
     assert ins["dtype"].options == ["auto", "fp16", "bf16", "fp32"]
     packs = _inputs(pack, "HeadsUpFaceAnalysisLoader")["pack"].options
-    assert packs[0] == "mypack" and "antelopev2" in packs and packs[-1].startswith("facedetection")
+    assert packs[0] == "mypack" and "antelopev2" in packs and packs[-2:] == ["facexlib/retinaface_resnet50",
+                                                                         "facexlib/retinaface_mobile0.25"]
 
 
 def test_upscale_inputs_optional_sockets(pack):
@@ -101,9 +102,13 @@ def test_base_resolution_and_missing_files(pack):
     with pytest.raises(MissingModelError, match="insightface pack 'antelopev2'.*models/antelopev2"):
         pack.nodes["HeadsUpFaceAnalysisLoader"].execute(backend="insightface", pack="antelopev2",
                                                         provider="auto")
+    face_loader = pack.nodes["HeadsUpFaceAnalysisLoader"]
     with pytest.raises(InputImageError, match="insightface backend needs an insightface pack"):
-        pack.nodes["HeadsUpFaceAnalysisLoader"].execute(backend="insightface", pack=paths.FACEXLIB_PACK,
-                                                        provider="auto")
+        face_loader.execute(backend="insightface", pack="facexlib/retinaface_resnet50", provider="auto")
+    with pytest.raises(InputImageError, match="facexlib backend needs a 'facexlib/...' detector"):
+        face_loader.execute(backend="facexlib", pack="antelopev2", provider="auto")
+    with pytest.raises(InputImageError, match="cannot use the DirectML provider"):
+        face_loader.execute(backend="facexlib", pack="facexlib/retinaface_resnet50", provider="DirectML")
 
 
 class FakeModel(torch.nn.Module):
