@@ -1,0 +1,286 @@
+"""HeadsUp weights: the HeadsUp ``.safetensors`` format, OSEDiff ``.pkl`` files, and conversion between them.
+
+HeadsUp checkpoint (format_version 1), one ``.safetensors`` file:
+  * ``unet.<peft name>`` / ``vae.<peft name>``: LoRA tensors exactly as peft names them
+    (``<module>.lora_A.<adapter>.weight``), so adapters are rebuilt with peft and loaded key for key;
+  * ``unet.conv_in.weight`` / ``unet.conv_in.bias``: the full, widened (LQ ⊕ reference ⊕ mask) input conv;
+  * ``prompt_embeds`` (optional): the default prompt embedding, 1x77xD, so no text encoder is needed;
+  * ``__metadata__``: format, version, base architecture, ranks, alphas, targets, timestep, prediction type,
+    conditioning channels, default colour fix (see ``REQUIRED_METADATA``).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .base_models import read_state_dict
+from .errors import MissingModelError, WeightsError
+from .lora import DEFAULT_LORA_ALPHA, UNET_ADAPTERS, VAE_ADAPTER
+
+FORMAT = "headsup"
+FORMAT_VERSION = 1
+REQUIRED_METADATA = ("format", "format_version", "base_arch", "rank_unet", "rank_vae", "unet_lora_targets",
+                     "vae_lora_targets", "timestep", "prediction_type", "in_channels", "default_color_fix")
+OSEDIFF_KEYS = ("unet_lora_encoder_modules", "unet_lora_decoder_modules", "unet_lora_others_modules",
+                "rank_unet", "state_dict_unet")
+
+
+@dataclass
+class LoadedWeights:
+    kind: str  # "headsup" | "osediff"
+    path: str
+    unet_groups: dict[str, list[str]]
+    vae_groups: dict[str, list[str]]
+    rank_unet: int
+    rank_vae: int
+    alpha_unet: float
+    alpha_vae: float
+    unet_state: dict[str, torch.Tensor]  # peft parameter names -> tensors (LoRA + conv_in)
+    vae_state: dict[str, torch.Tensor]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    prompt_embeds: torch.Tensor | None = None
+
+    @property
+    def in_channels(self) -> int:
+        for key in ("conv_in.weight", "conv_in.base_layer.weight"):
+            if key in self.unet_state:
+                return int(self.unet_state[key].shape[1])
+        return 4
+
+    @property
+    def timestep(self) -> int:
+        return int(self.metadata.get("timestep", 999))
+
+
+def _json(meta: dict, key: str, path: str):
+    try:
+        return json.loads(meta[key])
+    except (KeyError, ValueError) as err:
+        raise WeightsError(f"{path}: metadata field {key!r} is missing or not valid JSON ({err}).") from None
+
+
+def load_headsup(path: str) -> LoadedWeights:
+    tensors, meta = read_state_dict(path)
+    if meta.get("format") != FORMAT:
+        hint = ""
+        if any(k.startswith(("model.diffusion_model.", "first_stage_model.")) for k in tensors):
+            hint = " It looks like a base Stable Diffusion checkpoint: pass it as the base model instead."
+        raise WeightsError(f"{path} is not a HeadsUp checkpoint (no format=headsup metadata).{hint}")
+    missing = [k for k in REQUIRED_METADATA if k not in meta]
+    if missing:
+        raise WeightsError(f"{path}: HeadsUp metadata is missing {missing}; the file is damaged or from a foreign tool.")
+    version = int(meta["format_version"])
+    if version > FORMAT_VERSION:
+        raise WeightsError(f"{path} uses HeadsUp format version {version}; this install reads up to "
+                           f"{FORMAT_VERSION}. Update the HeadsUp package.")
+    unet_state = {k[5:]: v for k, v in tensors.items() if k.startswith("unet.")}
+    vae_state = {k[4:]: v for k, v in tensors.items() if k.startswith("vae.")}
+    if "conv_in.weight" not in unet_state:
+        raise WeightsError(f"{path} has no unet.conv_in.weight tensor; the checkpoint is incomplete.")
+    return LoadedWeights(
+        kind="headsup", path=path,
+        unet_groups=_json(meta, "unet_lora_targets", path), vae_groups=_json(meta, "vae_lora_targets", path),
+        rank_unet=int(meta["rank_unet"]), rank_vae=int(meta["rank_vae"]),
+        alpha_unet=float(meta.get("alpha_unet", DEFAULT_LORA_ALPHA)),
+        alpha_vae=float(meta.get("alpha_vae", DEFAULT_LORA_ALPHA)),
+        unet_state=unet_state, vae_state=vae_state, metadata=meta, prompt_embeds=tensors.get("prompt_embeds"),
+    )
+
+
+def load_osediff(path: str) -> LoadedWeights:
+    obj, _ = read_state_dict(path)  # torch.load(weights_only=True): the .pkl holds only dicts, lists and tensors
+    missing = [k for k in OSEDIFF_KEYS if k not in obj]
+    if missing:
+        raise WeightsError(f"{path} is not an OSEDiff checkpoint: keys {missing} are missing.")
+    unet_groups = {
+        "default_encoder": list(obj["unet_lora_encoder_modules"]),
+        "default_decoder": list(obj["unet_lora_decoder_modules"]),
+        "default_others": list(obj["unet_lora_others_modules"]),
+    }
+    vae_groups = {VAE_ADAPTER: list(obj.get("vae_lora_encoder_modules", []))}
+    meta = {"format": "osediff", "timestep": "999", "prediction_type": "epsilon", "default_color_fix": "adain"}
+    return LoadedWeights(
+        kind="osediff", path=path, unet_groups=unet_groups, vae_groups=vae_groups,
+        rank_unet=int(obj["rank_unet"]), rank_vae=int(obj.get("rank_vae", 4)),
+        alpha_unet=DEFAULT_LORA_ALPHA, alpha_vae=DEFAULT_LORA_ALPHA,
+        unet_state=dict(obj["state_dict_unet"]), vae_state=dict(obj.get("state_dict_vae", {})), metadata=meta,
+    )
+
+
+def load_weights(path: str | os.PathLike) -> LoadedWeights:
+    """Load a HeadsUp ``.safetensors`` or an OSEDiff ``.pkl``; the format is told from the content."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise MissingModelError(f"HeadsUp weights file not found: {path} (ComfyUI keeps them in models/headsup).")
+    if os.path.isdir(path):
+        raise WeightsError(f"Expected a weights file but got a folder: {path}")
+    if path.endswith(".safetensors"):
+        return load_headsup(path)
+    return load_osediff(path)
+
+
+def _load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, path: str) -> None:
+    own = dict(module.named_parameters())
+    unknown = [k for k in state if k not in own]
+    if unknown:
+        raise WeightsError(f"{path}: {len(unknown)} {what} tensors have no matching layer in the base model "
+                           f"(e.g. {unknown[:2]}); the weights were trained on a different base architecture.")
+    with torch.no_grad():
+        for key, value in state.items():
+            if own[key].shape != value.shape:
+                raise WeightsError(f"{path}: {what} tensor {key} has shape {tuple(value.shape)} but the base needs "
+                                   f"{tuple(own[key].shape)}; the weights belong to a different base model.")
+            own[key].copy_(value.to(own[key].dtype))
+    absent = [k for k in own if "lora_" in k and k not in state]
+    if absent:
+        raise WeightsError(f"{path}: {len(absent)} {what} LoRA tensors are missing (e.g. {absent[:2]}).")
+
+
+def apply_weights(unet, vae, weights: LoadedWeights, in_channels: int = 9) -> None:
+    """Add the adapters with peft, load their tensors, merge them, then install the full ``conv_in``."""
+    from .base_models import widen_conv_in
+    from .lora import add_adapters, merge_adapters
+
+    add_adapters(unet, weights.unet_groups, weights.rank_unet, weights.alpha_unet)
+    add_adapters(vae, weights.vae_groups, weights.rank_vae, weights.alpha_vae)
+    full_conv_in = {k: weights.unet_state[k] for k in ("conv_in.weight", "conv_in.bias") if k in weights.unet_state}
+    lora_state = {k: v for k, v in weights.unet_state.items() if k not in full_conv_in}
+    _load_into(unet, lora_state, "UNet", weights.path)
+    _load_into(vae, weights.vae_state, "VAE", weights.path)
+    merge_adapters(unet)
+    merge_adapters(vae)
+    widen_conv_in(unet, max(in_channels, weights.in_channels))
+    if full_conv_in:
+        with torch.no_grad():
+            if unet.conv_in.weight.shape != full_conv_in["conv_in.weight"].shape:
+                raise WeightsError(f"{weights.path}: conv_in has shape {tuple(full_conv_in['conv_in.weight'].shape)}"
+                                   f" but the base UNet needs {tuple(unet.conv_in.weight.shape)}.")
+            unet.conv_in.weight.copy_(full_conv_in["conv_in.weight"])
+            unet.conv_in.bias.copy_(full_conv_in["conv_in.bias"])
+
+
+def _merged_conv_in(unet) -> tuple[torch.Tensor, torch.Tensor]:
+    from peft.tuners.lora import LoraLayer
+
+    conv = unet.conv_in
+    if isinstance(conv, LoraLayer):
+        weight = conv.get_base_layer().weight.detach().clone()
+        for adapter in conv.active_adapters:
+            if adapter in conv.lora_A:
+                weight += conv.get_delta_weight(adapter).to(weight.dtype)
+        return weight, conv.get_base_layer().bias.detach().clone()
+    return conv.weight.detach().clone(), conv.bias.detach().clone()
+
+
+def _groups_from_model(model) -> dict[str, list[str]]:
+    from peft.tuners.lora import LoraLayer
+
+    groups: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and name != "conv_in":
+            for adapter in module.lora_A.keys():
+                groups.setdefault(adapter, []).append(name)
+    return groups
+
+
+def save_headsup_checkpoint(path: str | os.PathLike, unet, vae, metadata: dict | None = None,
+                            prompt_embeds: torch.Tensor | None = None) -> str:
+    """Write a HeadsUp checkpoint from peft-adapted (training) modules, atomically."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, value in unet.state_dict().items():
+        if "lora_" in name and not name.startswith("conv_in."):
+            tensors["unet." + name] = value
+    for name, value in vae.state_dict().items():
+        if "lora_" in name:
+            tensors["vae." + name] = value
+    tensors["unet.conv_in.weight"], tensors["unet.conv_in.bias"] = _merged_conv_in(unet)
+    if prompt_embeds is not None:
+        tensors["prompt_embeds"] = prompt_embeds.detach().reshape(1, *prompt_embeds.shape[-2:])
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}
+    ranks = {m: next((int(t.shape[0]) for k, t in tensors.items() if k.startswith(m) and ".lora_A." in k), 4)
+             for m in ("unet.", "vae.")}
+    meta = {
+        "format": FORMAT, "format_version": str(FORMAT_VERSION), "base_arch": "sd2",
+        "rank_unet": str(ranks["unet."]), "rank_vae": str(ranks["vae."]),
+        "alpha_unet": str(DEFAULT_LORA_ALPHA), "alpha_vae": str(DEFAULT_LORA_ALPHA),
+        "unet_lora_targets": json.dumps(_groups_from_model(unet)),
+        "vae_lora_targets": json.dumps(_groups_from_model(vae)),
+        "timestep": "999", "prediction_type": "epsilon", "in_channels": str(tensors["unet.conv_in.weight"].shape[1]),
+        "default_color_fix": "adain",
+        # Our own choices where the paper is silent (DESIGN §1 "guess"), recorded with the weights.
+        "conditioning": "lq_latent+reference_latent+face_mask", "latent_mode": "mode",
+    }
+    meta.update({k: str(v) for k, v in (metadata or {}).items()})
+    _atomic_save(lambda tmp: save_file(tensors, tmp, metadata=meta), path)
+    return path
+
+
+def _atomic_save(write, path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def convert_osediff(pkl_path: str | os.PathLike, out_path: str | os.PathLike, in_channels: int = 9,
+                    prompt_embeds: torch.Tensor | None = None) -> str:
+    """Convert an OSEDiff ``.pkl`` to a HeadsUp checkpoint (its conv_in LoRA merged, then widened with zeros)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    w = load_osediff(os.fspath(pkl_path))
+    base_w, base_b = w.unet_state["conv_in.base_layer.weight"], w.unet_state["conv_in.base_layer.bias"]
+
+    class _Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv_in = torch.nn.Conv2d(base_w.shape[1], base_w.shape[0], base_w.shape[2], padding=base_w.shape[2] // 2)
+
+    holder = _Holder()
+    adapters = [a for a in UNET_ADAPTERS if "conv_in" in w.unet_groups.get(a, [])]
+    for adapter in adapters:
+        cfg = LoraConfig(r=w.rank_unet, lora_alpha=w.alpha_unet, target_modules=["conv_in"])
+        inject_adapter_in_model(cfg, holder, adapter_name=adapter)
+    with torch.no_grad():
+        params = dict(holder.named_parameters())
+        for key, value in w.unet_state.items():
+            if key.startswith("conv_in."):
+                params[key.replace("conv_in.weight", "conv_in.base_layer.weight")
+                       .replace("conv_in.bias", "conv_in.base_layer.bias")].copy_(value)
+    if adapters:
+        holder.conv_in.set_adapter(adapters)
+    weight, bias = _merged_conv_in(holder)
+    wide = torch.zeros(weight.shape[0], in_channels, *weight.shape[2:])
+    wide[:, : weight.shape[1]] = weight
+    tensors = {"unet." + k: v for k, v in w.unet_state.items() if "lora_" in k and not k.startswith("conv_in.")}
+    tensors.update({"vae." + k: v for k, v in w.vae_state.items() if "lora_" in k})
+    tensors["unet.conv_in.weight"], tensors["unet.conv_in.bias"] = wide, bias
+    if prompt_embeds is not None:
+        tensors["prompt_embeds"] = prompt_embeds.reshape(1, *prompt_embeds.shape[-2:])
+    groups = {a: [m for m in mods if m != "conv_in"] for a, mods in w.unet_groups.items()}
+    meta = {
+        "format": FORMAT, "format_version": str(FORMAT_VERSION), "base_arch": "sd2",
+        "rank_unet": str(w.rank_unet), "rank_vae": str(w.rank_vae),
+        "alpha_unet": str(w.alpha_unet), "alpha_vae": str(w.alpha_vae),
+        "unet_lora_targets": json.dumps(groups), "vae_lora_targets": json.dumps(w.vae_groups),
+        "timestep": "999", "prediction_type": "epsilon", "in_channels": str(in_channels),
+        "default_color_fix": "adain", "converted_from": "osediff",
+        "conditioning": "lq_latent+reference_latent+face_mask (zero-initialised: OSEDiff behaviour)",
+    }
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().float().contiguous() for k, v in tensors.items()}
+    out_path = os.fspath(out_path)
+    _atomic_save(lambda tmp: save_file(tensors, tmp, metadata=meta), out_path)
+    return out_path

@@ -1,0 +1,90 @@
+"""Device and dtype choice, and memory figures, without hard-coded ``torch.cuda`` calls elsewhere."""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+from .errors import HeadsUpError
+
+log = logging.getLogger("headsup")
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """``None``/"auto" picks cuda (also ROCm), then mps, then cpu. An unavailable explicit choice is an error."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise HeadsUpError(f"Device {device!r} was asked for but no CUDA/ROCm GPU is available; use --device cpu.")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise HeadsUpError(f"Device {device!r} was asked for but MPS is not available; use --device cpu.")
+    return dev
+
+
+def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``None``/"auto": fp32 on CPU, bf16 on GPUs that support it, else fp16."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16
+    if dtype not in DTYPES:
+        raise HeadsUpError(f"Unknown dtype {dtype!r}; use auto, fp32, fp16 or bf16.")
+    return DTYPES[dtype]
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated bytes on a GPU since the last reset, or the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    except (ImportError, OSError):  # pragma: no cover - non-POSIX
+        return 0
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
+
+
+@contextlib.contextmanager
+def upcast(module: torch.nn.Module):
+    """Temporarily run ``module`` in fp32 (the NaN/Inf retry for half-precision stages)."""
+    dtype = next(module.parameters()).dtype
+    if dtype == torch.float32:
+        yield
+        return
+    module.float()
+    try:
+        yield
+    finally:
+        module.to(dtype)
+
+
+OOM_ERRORS: tuple[type[BaseException], ...] = (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else (RuntimeError,)

@@ -1,0 +1,116 @@
+"""The HeadsUp model maths: one-step x0 prediction on an SD2.x UNet with face-aware conditioning.
+
+Kept free of loading and of tiling (diffusers' split between model math, loading and pipeline):
+``HeadsUpModel`` holds the VAE and the UNet (LoRA already merged) and does one encode, one UNet call and one
+decode on whatever tensor it is given. Tiling lives in ``tiling.py``, orchestration in ``pipeline.py``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+LQ_CHANNELS = 4
+COND_CHANNELS = 9  # LQ latent (4) ⊕ reference latent (4) ⊕ face mask (1)
+
+
+def alpha_bar(timestep: int, beta_start: float = 0.00085, beta_end: float = 0.012, steps: int = 1000) -> float:
+    """ᾱ_t for SD's scaled-linear schedule (float64), e.g. ᾱ_999 = 0.0046601."""
+    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, steps, dtype=torch.float64) ** 2
+    return float(torch.cumprod(1.0 - betas, 0)[timestep])
+
+
+def assemble_unet_input(lq_latent: torch.Tensor, ref_latent: torch.Tensor | None = None,
+                        face_mask: torch.Tensor | None = None, in_channels: int = COND_CHANNELS) -> torch.Tensor:
+    """LQ latent ⊕ reference latent ⊕ face mask along channels, zeros where absent.
+
+    Shared by inference and training so both build exactly the same input. ``face_mask`` is at latent
+    resolution (Bx1xhxw). A UNet with only 4 input channels (plain OSEDiff) gets the LQ latent alone.
+    """
+    if in_channels == LQ_CHANNELS:
+        return lq_latent
+    b, c, h, w = lq_latent.shape
+    zeros = lq_latent.new_zeros
+    ref = ref_latent if ref_latent is not None else zeros(b, c, h, w)
+    mask = face_mask if face_mask is not None else zeros(b, 1, h, w)
+    if ref.shape != lq_latent.shape or mask.shape != (b, 1, h, w):
+        raise ValueError(f"conditioning shapes {tuple(ref.shape)}, {tuple(mask.shape)} do not fit {tuple(lq_latent.shape)}")
+    out = torch.cat([lq_latent, ref.to(lq_latent.dtype), mask.to(lq_latent.dtype)], 1)
+    if out.shape[1] != in_channels:
+        raise ValueError(f"the UNet expects {in_channels} input channels, the conditioning has {out.shape[1]}")
+    return out
+
+
+def mask_to_latent(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """Pixel-resolution soft mask Bx1xHxW -> latent resolution by area averaging."""
+    return F.interpolate(mask.float(), size=latent_hw, mode="area")
+
+
+class HeadsUpModel(torch.nn.Module):
+    """VAE + UNet with merged LoRA, and the one-step update of OSEDiff (DESIGN §1 steps 2-5)."""
+
+    def __init__(self, vae, unet, prediction_type: str = "epsilon", timestep: int = 999,
+                 prompt_embeds: torch.Tensor | None = None, sample_latent: bool = False, metadata: dict | None = None):
+        super().__init__()
+        self.vae = vae
+        self.unet = unet
+        self.prediction_type = prediction_type
+        self.timestep = int(timestep)
+        self.alpha_bar_t = alpha_bar(self.timestep)
+        self.scaling_factor = float(getattr(vae.config, "scaling_factor", 0.18215))
+        self.sample_latent = sample_latent
+        self.metadata = dict(metadata or {})
+        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        embeds = prompt_embeds if prompt_embeds is not None else torch.zeros(1, 77, unet.config.cross_attention_dim)
+        self.register_buffer("default_prompt_embeds", embeds.float().reshape(1, *embeds.shape[-2:]), persistent=False)
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.unet.conv_in.in_channels)
+
+    @property
+    def cross_attention_dim(self) -> int:
+        return int(self.unet.config.cross_attention_dim)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Image in [-1, 1] -> scaled latent. Posterior mode by default (deterministic), or a sample."""
+        dist = self.vae.encode(x.to(self.vae_dtype)).latent_dist
+        z = dist.sample(generator=generator) if self.sample_latent else dist.mode()
+        return z * self.scaling_factor
+
+    def predict_x0(self, unet_input: torch.Tensor, lq_latent: torch.Tensor, prompt_embeds: torch.Tensor,
+                   strength: float = 1.0) -> torch.Tensor:
+        """One UNet call at t=timestep, then x0 from the prediction (eps or v); ``strength`` < 1 blends toward
+        the LQ latent (the fidelity ↔ detail control)."""
+        b = unet_input.shape[0]
+        t = torch.full((b,), self.timestep, device=unet_input.device, dtype=torch.long)
+        embeds = prompt_embeds.to(device=unet_input.device, dtype=self.dtype)
+        if embeds.shape[0] != b:
+            embeds = embeds[:1].expand(b, -1, -1)
+        pred = self.unet(unet_input.to(self.dtype), t, encoder_hidden_states=embeds).sample.float()
+        z = lq_latent.float()
+        a = self.alpha_bar_t
+        if self.prediction_type == "v_prediction":
+            x0 = math.sqrt(a) * z - math.sqrt(1 - a) * pred
+        else:
+            x0 = (z - math.sqrt(1 - a) * pred) / math.sqrt(a)
+        if strength != 1.0:
+            x0 = z + strength * (x0 - z)
+        return x0
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Scaled latent -> image in [-1, 1]."""
+        return self.vae.decode(latent.to(self.vae_dtype) / self.scaling_factor).sample.clamp(-1, 1)

@@ -1,0 +1,280 @@
+"""``HeadsUpPipeline``: the one orchestration shared by the CLI, the ComfyUI nodes, the A1111 script and eval.
+
+Per image: bicubic upscale -> (faces: reference canvas + face mask) -> tiled VAE encode -> tiled one-step UNet
+-> tiled VAE decode -> crop -> colour fix -> alpha re-attached. Images of a batch are processed one at a time,
+so a batch gives exactly the result of its images run alone.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import devices
+from .color import COLOR_FIX_MODES, apply_color_fix
+from .errors import HeadsUpError, InputImageError
+from .imageio import ImageBatch, from_batch, tensor_to_uint8, to_batch
+from .model import HeadsUpModel, assemble_unet_input, mask_to_latent
+from .tiling import TilePlan, run_tiled, tile_count
+
+log = logging.getLogger("headsup")
+MAX_SCALE = 16.0
+MAX_OUTPUT_SIDE = 32768
+
+
+def check_scale(scale: float) -> float:
+    try:
+        scale = float(scale)
+    except (TypeError, ValueError):
+        raise InputImageError(f"The scale must be a number, got {scale!r}.") from None
+    if not math.isfinite(scale) or scale < 1.0:
+        raise InputImageError(f"Unsupported scale {scale}: HeadsUp upscales, so the scale must be at least 1.")
+    if scale > MAX_SCALE:
+        raise InputImageError(f"Unsupported scale {scale}: at most {MAX_SCALE:g}x; upscale in two passes instead.")
+    return scale
+
+
+def output_size(h: int, w: int, scale: float) -> tuple[int, int]:
+    oh, ow = max(1, round(h * scale)), max(1, round(w * scale))
+    if max(oh, ow) > MAX_OUTPUT_SIDE:
+        raise InputImageError(f"The output would be {ow}x{oh} pixels; sides above {MAX_OUTPUT_SIDE} are not supported.")
+    return oh, ow
+
+
+def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return x
+    return F.pad(x, (0, pw, 0, ph), mode="replicate")
+
+
+class HeadsUpPipeline:
+    def __init__(self, model: HeadsUpModel, text_encoder_loader: Callable | None = None, source: dict | None = None):
+        self.model = model
+        self._text_encoder_loader = text_encoder_loader
+        self._text_encoder = None
+        self.source = dict(source or {})
+
+    # ----------------------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_files(cls, base, weights=None, device=None, dtype=None, prediction_type: str | None = None,
+                   sample_latent: bool = False) -> "HeadsUpPipeline":
+        """Load the SD2.x ``base`` (diffusers folder or single file) and HeadsUp/OSEDiff ``weights``."""
+        from .base_models import load_base, widen_conv_in
+        from .checkpoint import apply_weights, load_weights
+        from .licences import describe_licence
+
+        dev = devices.pick_device(device)
+        dt = devices.pick_dtype(dtype, dev)
+        base_models = load_base(base, prediction_type)
+        pred, timestep, embeds, meta = base_models.prediction_type, 999, None, {}
+        if weights is not None:
+            loaded = load_weights(weights)
+            apply_weights(base_models.unet, base_models.vae, loaded)
+            meta, embeds, timestep = dict(loaded.metadata), loaded.prompt_embeds, loaded.timestep
+            if loaded.kind == "headsup" and prediction_type is None:
+                pred = meta.get("prediction_type", pred)
+        else:
+            widen_conv_in(base_models.unet)
+            log.warning("No HeadsUp weights given: running the bare base model (output is not super-resolved "
+                        "meaningfully; use this only for install checks).")
+        for path in (base, weights):
+            if path is not None:
+                note = describe_licence(str(path))
+                if note:
+                    log.info(note)
+        model = HeadsUpModel(base_models.vae, base_models.unet, pred, timestep, embeds, sample_latent, meta)
+        model.requires_grad_(False).eval()
+        model.to(device=dev, dtype=dt)
+        return cls(model, base_models.text_encoder_loader, {"base": str(base), "weights": str(weights)})
+
+    def to(self, device=None, dtype=None) -> "HeadsUpPipeline":
+        self.model.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    # ----------------------------------------------------------------------------------------------- prompt
+    @torch.no_grad()
+    def encode_prompt(self, text: str) -> torch.Tensor:
+        if self._text_encoder_loader is None:
+            raise HeadsUpError(
+                "A text prompt needs the base model's text encoder, which is only loaded from a diffusers folder "
+                "base; use a diffusers folder, or pass prompt_embeds / a ComfyUI CONDITIONING instead."
+            )
+        if self._text_encoder is None:
+            self._text_encoder = self._text_encoder_loader()
+        tokenizer, encoder = self._text_encoder
+        ids = tokenizer(text, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                        return_tensors="pt").input_ids
+        return encoder(ids)[0].float()
+
+    def _prompt_embeds(self, prompt, prompt_embeds) -> torch.Tensor:
+        if prompt_embeds is not None:
+            embeds = torch.as_tensor(prompt_embeds).float()
+            if embeds.ndim == 2:
+                embeds = embeds[None]
+            if embeds.ndim != 3 or embeds.shape[-1] != self.model.cross_attention_dim:
+                raise InputImageError(
+                    f"The prompt embedding has shape {tuple(embeds.shape)} but this model needs Bx77x"
+                    f"{self.model.cross_attention_dim} (use the SD2.x text encoder that matches the base)."
+                )
+            return embeds
+        if prompt:
+            return self.encode_prompt(prompt)
+        return self.model.default_prompt_embeds
+
+    # ----------------------------------------------------------------------------------------------- faces
+    def _references(self, reference, face_analyzer):
+        if reference is None:
+            return None
+        from .faces import Reference, encode_reference
+
+        refs = reference if isinstance(reference, (list, tuple)) else [reference]
+        if all(isinstance(r, Reference) for r in refs):
+            return list(refs)
+        if face_analyzer is None:
+            raise InputImageError("A reference photo needs a face analyzer (e.g. --faces insightface) to find the face.")
+        # Each reference image is treated as one person (a group portrait gets one reference per person).
+        return [r if isinstance(r, Reference) else encode_reference([r], face_analyzer) for r in refs]
+
+    # ----------------------------------------------------------------------------------------------- main
+    def plan_tiles(self, tile_size: int | None) -> TilePlan:
+        if tile_size is None:
+            return TilePlan.for_device(self.device)
+        if int(tile_size) < 64:
+            raise InputImageError(f"tile_size {tile_size} is too small; use at least 64 output pixels.")
+        return TilePlan.from_tile_size(int(tile_size), self.model.vae_scale)
+
+    @torch.no_grad()
+    def upscale(self, image, scale: float = 4.0, reference=None, prompt: str | None = None,
+                tile_size: int | None = None, color_fix: str = "adain", seed: int = 0, *,
+                prompt_embeds=None, face_analyzer=None, progress: Callable[[int, int], Any] | None = None,
+                return_info: bool = False, strength: float = 1.0, match_threshold: float = 0.3,
+                mask_without_reference: bool = True):
+        """Upscale ``image`` (PIL, HxWxC uint8 numpy, or BxHxWxC float tensor); the result is the same kind."""
+        scale = check_scale(scale)
+        if color_fix not in COLOR_FIX_MODES:
+            raise InputImageError(f"Unknown colour fix {color_fix!r}; choose one of {', '.join(COLOR_FIX_MODES)}.")
+        if not 0.0 <= float(strength) <= 1.0:
+            raise InputImageError(f"strength must be between 0 and 1, got {strength}.")
+        batch = to_batch(image)
+        refs = self._references(reference, face_analyzer)
+        embeds = self._prompt_embeds(prompt, prompt_embeds)
+        plan = self.plan_tiles(tile_size)
+        h, w = batch.size
+        oh, ow = output_size(h, w, scale)
+        total = batch.rgb.shape[0] * self._tiles_per_image(oh, ow, plan, refs is not None)
+        done = [0]
+
+        def tick():
+            done[0] += 1
+            if progress is not None:
+                progress(done[0], total)
+
+        outputs, masks, assignments, timings = [], [], [], []
+        for i in range(batch.rgb.shape[0]):
+            emb = embeds[i:i + 1] if embeds.shape[0] == batch.rgb.shape[0] else embeds[:1]
+            out, mask, assigned, timing = self._upscale_one(
+                batch.rgb[i:i + 1], (oh, ow), refs, emb, plan, color_fix, seed, face_analyzer, tick,
+                float(strength), match_threshold, mask_without_reference)
+            outputs.append(out)
+            masks.append(mask)
+            assignments.append(assigned)
+            timings.append(timing)
+        rgb = torch.cat(outputs)
+        alpha = None
+        if batch.alpha is not None:
+            alpha = F.interpolate(batch.alpha, size=(oh, ow), mode="bicubic", align_corners=False).clamp(0, 1)
+        result = from_batch(rgb, alpha, batch)
+        if not return_info:
+            return result
+        return result, {"face_mask": torch.cat(masks), "assignments": assignments, "timings": timings,
+                        "output_size": (oh, ow)}
+
+    def _tiles_per_image(self, oh: int, ow: int, plan: TilePlan, with_reference: bool) -> int:
+        s = self.model.vae_scale
+        lh, lw = math.ceil(oh / s), math.ceil(ow / s)
+        enc = tile_count(lh, lw, plan.encoder_tile, plan.encoder_overlap)
+        return (enc * (2 if with_reference else 1) + tile_count(lh, lw, plan.unet_tile, plan.unet_overlap)
+                + tile_count(lh, lw, plan.decoder_tile, plan.decoder_overlap))
+
+    def _guard(self, fn, module, stage: str):
+        """Run a stage tile; on NaN/Inf in half precision, retry that tile in fp32 and say so."""
+        def run(t):
+            out = fn(t)
+            if out.dtype != torch.float32 or next(module.parameters()).dtype != torch.float32:
+                if not torch.isfinite(out).all():
+                    log.warning("HeadsUp: NaN/Inf in the %s stage in %s; retrying this tile in fp32.", stage,
+                                next(module.parameters()).dtype)
+                    with devices.upcast(module):
+                        out = fn(t)
+            return out
+        return run
+
+    def _upscale_one(self, lq, out_hw, refs, embeds, plan, color_fix, seed, face_analyzer, tick, strength,
+                     match_threshold, mask_without_reference):
+        model, dev = self.model, self.device
+        s = model.vae_scale
+        oh, ow = out_hw
+        timing: dict[str, float] = {}
+        t0 = time.perf_counter()
+        up = F.interpolate(lq, size=(oh, ow), mode="bicubic", align_corners=False).clamp_(0, 1)
+        multiple = s * 2 ** (len(model.unet.config.block_out_channels) - 1)  # UNet downsamplings need it
+        padded = _pad_to_multiple(up, multiple)
+        lh, lw = padded.shape[-2] // s, padded.shape[-1] // s
+        generator = torch.Generator(device=dev).manual_seed(int(seed)) if model.sample_latent else None
+
+        face_mask_px = torch.zeros(1, 1, oh, ow)
+        ref_latent = mask_lat = None
+        assigned: list = []
+        if face_analyzer is not None and model.in_channels > 4:
+            from .faces import build_face_condition
+
+            cond = build_face_condition(tensor_to_uint8(lq)[0], (oh, ow), face_analyzer, refs,
+                                        match_threshold=match_threshold, mask_without_reference=mask_without_reference)
+            face_mask_px, assigned = cond.mask.float().cpu(), list(cond.assignments)
+            mask_lat = mask_to_latent(_pad_to_multiple(face_mask_px, multiple), (lh, lw)).to(dev)
+            if refs:
+                canvas = _pad_to_multiple(cond.canvas.float(), multiple)
+                enc = self._guard(lambda t: model.encode(t, generator), model.vae, "reference encoder")
+                ref_latent = run_tiled(enc, canvas, tile=plan.encoder_tile, overlap=plan.encoder_overlap,
+                                       in_factor=s, out_factor=1, out_channels=4, compute_device=dev,
+                                       out_device=dev, progress=tick, skip=lambda t: not bool(t.abs().amax() > 0))
+                ref_latent = ref_latent * (mask_lat > 0)
+        elif refs:
+            raise InputImageError("A reference was given but no face analyzer; pass face_analyzer (e.g. --faces insightface).")
+        timing["faces_s"] = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        enc = self._guard(lambda t: model.encode(t, generator), model.vae, "encoder")
+        lq_latent = run_tiled(enc, padded * 2 - 1, tile=plan.encoder_tile, overlap=plan.encoder_overlap, in_factor=s,
+                              out_factor=1, out_channels=4, compute_device=dev, out_device=dev, progress=tick)
+        timing["encode_s"] = time.perf_counter() - t1
+
+        t2 = time.perf_counter()
+        unet_in = assemble_unet_input(lq_latent, ref_latent, mask_lat, model.in_channels)
+        step = self._guard(lambda t: model.predict_x0(t, t[:, :4], embeds, strength), model.unet, "UNet")
+        x0 = run_tiled(step, unet_in, tile=plan.unet_tile, overlap=plan.unet_overlap, in_factor=1, out_factor=1,
+                       out_channels=4, compute_device=dev, out_device=dev, progress=tick)
+        timing["unet_s"] = time.perf_counter() - t2
+
+        t3 = time.perf_counter()
+        dec = self._guard(model.decode, model.vae, "decoder")
+        y = run_tiled(dec, x0, tile=plan.decoder_tile, overlap=plan.decoder_overlap, in_factor=1, out_factor=s,
+                      out_channels=3, compute_device=dev, out_device=torch.device("cpu"), progress=tick)
+        timing["decode_s"] = time.perf_counter() - t3
+        out = ((y[..., :oh, :ow] + 1) / 2).clamp_(0, 1)
+        out = apply_color_fix(out, up.cpu(), color_fix)
+        return out, face_mask_px, assigned, timing

@@ -1,0 +1,104 @@
+"""Tiled execution of the three stages (VAE encoder, UNet, VAE decoder) with Gaussian-weighted blending.
+
+All stages share one grid expressed in latent units: a stage reads its input tile at ``in_factor`` pixels per
+latent unit and writes its output tile at ``out_factor`` (encoder 8 -> 1, UNet 1 -> 1, decoder 1 -> 8). Only
+one tile at a time lives on the compute device; outputs are accumulated into image-sized buffers on the
+storage device, so peak compute memory depends on the tile size and not on the image size. When a single tile
+covers the input, the stage runs once on the whole input, which is bit-identical to an untiled run.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+ProgressFn = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Tile sizes and overlaps, in latent units (1 latent unit = ``vae_scale`` output pixels)."""
+    encoder_tile: int = 128
+    encoder_overlap: int = 8
+    unet_tile: int = 96
+    unet_overlap: int = 32
+    decoder_tile: int = 128
+    decoder_overlap: int = 8
+
+    @classmethod
+    def for_device(cls, device: torch.device | str) -> "TilePlan":
+        kind = torch.device(device).type
+        if kind == "cpu":
+            # CPU RAM holds the fp32 weights too; small tiles keep peak RSS low (see bench/pipeline.py).
+            return cls(encoder_tile=64, encoder_overlap=8, unet_tile=64, unet_overlap=16, decoder_tile=64,
+                       decoder_overlap=8)
+        return cls()
+
+    @classmethod
+    def from_tile_size(cls, tile_size: int, vae_scale: int = 8) -> "TilePlan":
+        """One user-facing knob: the tile edge in output pixels drives every stage."""
+        t = max(8, int(tile_size) // vae_scale // 8 * 8)  # multiples of 8 latents fit the UNet's downsamplings
+        return cls(encoder_tile=t, encoder_overlap=max(2, t // 8), unet_tile=t, unet_overlap=max(2, t // 3),
+                   decoder_tile=t, decoder_overlap=max(2, t // 8))
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets covering ``length`` with tiles of ``tile`` overlapping by at least ``overlap``."""
+    if length <= tile:
+        return [0]
+    stride = max(1, tile - overlap)
+    count = math.ceil((length - tile) / stride) + 1
+    # Spread the tiles evenly so every overlap is about the same width (no thin last strip).
+    return sorted({round(i * (length - tile) / (count - 1)) for i in range(count)})
+
+
+def tile_count(h: int, w: int, tile: int, overlap: int) -> int:
+    return len(tile_starts(h, tile, overlap)) * len(tile_starts(w, tile, overlap))
+
+
+def gaussian_weights(h: int, w: int, device=None, var: float = 0.01) -> torch.Tensor:
+    """OSEDiff's separable Gaussian tile weights (variance 0.01 of the tile size), shape 1x1xhxw."""
+    def axis(n: int) -> torch.Tensor:
+        x = torch.arange(n, dtype=torch.float64, device=device)
+        mid = (n - 1) / 2
+        return torch.exp(-((x - mid) ** 2) / (n * n) / (2 * var))
+    return (axis(h)[:, None] * axis(w)[None, :]).float()[None, None]
+
+
+def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, tile: int, overlap: int,
+              in_factor: int, out_factor: int, out_channels: int, compute_device: torch.device,
+              out_device: torch.device | None = None, progress: ProgressFn | None = None,
+              skip: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
+    """Apply ``fn`` over ``x`` (1xCxHxW, H and W multiples of ``in_factor``) tile by tile and blend.
+
+    ``skip(tile_input)`` may return True for tiles whose output is known to be zero (e.g. an empty
+    reference canvas); they are not computed.
+    """
+    out_device = out_device or x.device
+    h, w = x.shape[-2] // in_factor, x.shape[-1] // in_factor
+    ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
+    if len(ys) == 1 and len(xs) == 1:
+        if skip is not None and skip(x):
+            out = torch.zeros(1, out_channels, h * out_factor, w * out_factor, device=out_device)
+        else:
+            out = fn(x.to(compute_device)).float().to(out_device)
+        if progress:
+            progress()
+        return out
+    th, tw = min(tile, h), min(tile, w)
+    out = torch.zeros(1, out_channels, h * out_factor, w * out_factor, device=out_device)
+    weight_sum = torch.zeros(1, 1, h * out_factor, w * out_factor, device=out_device)
+    weights = gaussian_weights(th * out_factor, tw * out_factor, device=out_device)
+    for y in ys:
+        for x0 in xs:
+            inp = x[..., y * in_factor:(y + th) * in_factor, x0 * in_factor:(x0 + tw) * in_factor]
+            oy, ox = slice(y * out_factor, (y + th) * out_factor), slice(x0 * out_factor, (x0 + tw) * out_factor)
+            if skip is None or not skip(inp):
+                res = fn(inp.to(compute_device)).float().to(out_device)
+                out[..., oy, ox] += res * weights
+            weight_sum[..., oy, ox] += weights
+            if progress:
+                progress()
+    return out.div_(weight_sum)
