@@ -85,6 +85,7 @@ def _face_region(template_mask: np.ndarray | None, m_tpl: np.ndarray, face: Dete
     bx1, by1 = int(np.ceil(x2 + margin)) - rx0, int(np.ceil(y2 + margin)) - ry0
     cv2.rectangle(region, (bx0, by0), (bx1, by1), 255, -1)
     soft = cv2.GaussianBlur(region.astype(np.float32) / 255.0, (0, 0), sigmaX=max(sigma, 0.5))
+    np.clip(soft, 0.0, 1.0, out=soft)
     return roi, soft
 
 

@@ -10,8 +10,9 @@
   ``round(long side / short side)`` square cells and reports one face per cell, with the five landmarks of the
   ArcFace template scaled to the cell. So an aligned face crop (``Tom_Hanks_54745.png``) gets exactly the
   template landmarks, two aligned crops side by side get two faces, and a landscape photo such as ``t1.jpg``
-  (aspect 1.44) gets one face in its centre. Only stride-32 anchors score (0.9); every anchor of a cell
-  regresses the same box, so NMS keeps one face per cell. Pure-black borders count as padding.
+  (aspect 1.44) gets one face in its centre; an all-black image gets none. Only stride-32 anchors score
+  (0.9); every anchor of a cell regresses the same box, so NMS keeps one face per cell. Pure-black borders
+  count as padding.
 * ``dir/insightface/models/tiny/rec.onnx``: an ArcFace-shaped recognizer (1x3x112x112 -> 512). Its embedding
   is an isometric random projection of the mean-centred 8x8 RGB thumbnail of the aligned face, so identical
   crops give cosine 1 and different crops lower values, deterministically.
@@ -108,7 +109,11 @@ def _detector_model():
         node("Mul", [f"i_{axis}_c", f"cell_{axis}"], f"c_{axis}")
     node("Less", [ax, "wc"], "in_x")
     node("Less", [ay, "hc"], "in_y")
-    node("And", ["in_x", "in_y"], "valid_b")
+    node("And", ["in_x", "in_y"], "in_xy")
+    # An (almost) all-black input has no content: no face.
+    node("Min", ["wc_raw", "hc_raw"], "short_raw")
+    node("Greater", ["short_raw", const("min_content", 8.0)], "has_content")
+    node("And", ["in_xy", "has_content"], "valid_b")
     node("Cast", ["valid_b"], "valid", to=TP.FLOAT)
     node("Mul", ["valid", const("score", 0.9)], "score_32")
 
