@@ -37,6 +37,23 @@ class HeadsUpHandle:
     name: str
 
 
+class PatchTarget(torch.nn.Module):
+    """The module handed to ComfyUI's ModelPatcher. ModelPatcher writes `model.device` and bookkeeping
+    attributes onto its module; HeadsUpModel derives `device` from its parameters (read-only), so it is
+    wrapped. Moving this wrapper moves the HeadsUp model, and the pipeline follows its parameters."""
+
+    def __init__(self, headsup_model):
+        super().__init__()
+        self.headsup = headsup_model
+
+
+def make_patcher(pipe, load_device, offload_device):
+    import comfy.model_patcher
+
+    return comfy.model_patcher.ModelPatcher(PatchTarget(pipe.model), load_device=load_device,
+                                            offload_device=offload_device)
+
+
 def _remember(cache, key, value):
     cache[key] = value
     cache.move_to_end(key)
@@ -88,7 +105,6 @@ class HeadsUpLoader(io.ComfyNode):
     @classmethod
     def execute(cls, weights, base, dtype) -> io.NodeOutput:
         import comfy.model_management as mm
-        import comfy.model_patcher
         from headsup_core.pipeline import HeadsUpPipeline
 
         weights_path = paths.resolve_weights(weights)
@@ -100,8 +116,7 @@ class HeadsUpLoader(io.ComfyNode):
         if handle is None:
             log.info("HeadsUp: loading %s on %s (%s)", weights, base, torch_dtype)
             pipe = HeadsUpPipeline.from_files(base_path, weights_path, device=offload_device, dtype=torch_dtype)
-            patcher = comfy.model_patcher.ModelPatcher(pipe.model, load_device=load_device,
-                                                       offload_device=offload_device)
+            patcher = make_patcher(pipe, load_device, offload_device)
             handle = HeadsUpHandle(pipe=pipe, patcher=patcher, name=f"{weights} on {base}")
         _remember(_MODEL_CACHE, key, handle)
         return io.NodeOutput(handle)

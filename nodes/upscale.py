@@ -10,7 +10,7 @@ from .reference import HEADSUP_REFERENCE
 log = logging.getLogger("HeadsUp")
 
 COLOR_FIXES = ["adain", "wavelet", "none"]
-DEFAULT_TILE = 512   # output pixels; used as the starting point for halving when the widget says 0 (auto)
+DEFAULT_TILE = 1024  # output px: the pipeline's GPU default (128 latents); halving starts here when tile_size is 0
 MIN_TILE = 64
 # Rough activation memory per output pixel of one tile at fp32 (VAE decoder dominated); OOM retry covers misses.
 BYTES_PER_TILE_PIXEL_FP32 = 12 * 1024

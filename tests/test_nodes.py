@@ -139,10 +139,8 @@ class FakePipe:
 
 
 def _handle(pack, pipe):
-    import comfy.model_patcher
-
-    Handle = pack.module("nodes.loaders").HeadsUpHandle
-    return Handle(pipe=pipe, patcher=comfy.model_patcher.ModelPatcher(pipe.model, "cpu", "cpu"), name="fake")
+    loaders = pack.module("nodes.loaders")
+    return loaders.HeadsUpHandle(pipe=pipe, patcher=loaders.make_patcher(pipe, "cpu", "cpu"), name="fake")
 
 
 def _run_upscale(pack, pipe, **kw):
@@ -160,7 +158,7 @@ def test_upscale_loads_through_memory_manager_and_reports_progress(pack):
     assert image.shape == (2, 16, 12, 3) and mask.shape == (2, 16, 12)
     assert len(pack.mm.LOADS) == 1
     models, memory_required, full = pack.mm.LOADS[0]
-    assert models[0].model is pipe.model and full is True and memory_required > 0
+    assert models[0].model.headsup is pipe.model and full is True and memory_required > 0
     assert pack.utils.UPDATES == [(1, 3), (2, 3), (3, 3)]
     assert pipe.calls[0]["tile_size"] is None  # 0 in the widget means "let the pipeline choose"
 

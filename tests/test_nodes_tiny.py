@@ -1,0 +1,129 @@
+"""Every node executed on the tiny models (real loading code, real files) through the ComfyUI stand-in."""
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent / "comfy_stub"))
+import harness  # noqa: E402
+
+sys.path.remove(str(Path(__file__).parent / "comfy_stub"))
+
+from headsup_core.errors import FaceError  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def _photo(name):
+    import insightface
+
+    return Image.open(Path(insightface.__file__).parent / "data" / "images" / name).convert("RGB")
+
+
+def _as_image(pil, size=None):
+    if size is not None:
+        pil = pil.resize(size, Image.BICUBIC)
+    return torch.from_numpy(np.asarray(pil).copy()).float().div(255.0)[None]
+
+
+@pytest.fixture(scope="module")
+def tiny(request, tmp_path_factory):
+    try:
+        return request.getfixturevalue("tiny_models")
+    except pytest.FixtureLookupError:  # running without the project's conftest
+        from headsup_core.tiny import make_tiny
+
+        return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def pack(tiny, tmp_path_factory):
+    models = tmp_path_factory.mktemp("models")
+    for sub in ("headsup", "checkpoints", "diffusers"):
+        (models / sub).mkdir()
+    os.symlink(tiny["headsup"], models / "headsup" / "headsup.safetensors")
+    os.symlink(tiny["osediff"], models / "headsup" / "osediff.pkl")
+    os.symlink(tiny["base_single"], models / "checkpoints" / "base.safetensors")
+    os.symlink(tiny["base"], models / "diffusers" / "base", target_is_directory=True)
+    os.symlink(tiny["insightface_root"], models / "insightface", target_is_directory=True)
+    os.symlink(tiny["facexlib_dir"], models / "facedetection", target_is_directory=True)
+    p = harness.load_pack(models)
+    yield p
+    harness.unload()
+
+
+@pytest.fixture(scope="module")
+def model(pack):
+    return pack.nodes["HeadsUpLoader"].execute(weights="headsup.safetensors", base="diffusers/base",
+                                               dtype="auto")[0]
+
+
+@pytest.fixture(scope="module")
+def faces(pack):
+    return pack.nodes["HeadsUpFaceAnalysisLoader"].execute(backend="insightface", pack="tiny", provider="auto")[0]
+
+
+def test_loader_lists_and_caches_the_tiny_models(pack, model):
+    ins = {i.id: i for i in pack.nodes["HeadsUpLoader"].GET_SCHEMA().inputs}
+    assert ins["weights"].options == ["headsup.safetensors", "osediff.pkl"]
+    assert ins["base"].options == ["base.safetensors", "diffusers/base"]
+    assert next(model.pipe.model.parameters()).dtype == torch.float32  # auto on CPU
+    again = pack.nodes["HeadsUpLoader"].execute(weights="headsup.safetensors", base="diffusers/base", dtype="auto")[0]
+    assert again is model
+    packs = {i.id: i for i in pack.nodes["HeadsUpFaceAnalysisLoader"].GET_SCHEMA().inputs}["pack"].options
+    assert packs[0] == "tiny"
+
+
+def test_osediff_weights_on_a_single_file_base(pack):
+    handle = pack.nodes["HeadsUpLoader"].execute(weights="osediff.pkl", base="base.safetensors", dtype="fp32")[0]
+    image, mask = pack.nodes["HeadsUpUpscale"].execute(model=handle, image=torch.rand(1, 16, 24, 3), scale=4.0,
+                                                        tile_size=0, color_fix="none").result
+    assert image.shape == (1, 64, 96, 3) and mask.shape == (1, 64, 96)
+
+
+def test_upscale_portrait_without_faces(pack, model):
+    pack.utils.UPDATES.clear()
+    lq = _as_image(_photo("t1.jpg"), (64, 44))
+    image, mask = pack.nodes["HeadsUpUpscale"].execute(model=model, image=lq, scale=4.0, tile_size=0,
+                                                        color_fix="adain").result
+    assert image.shape == (1, 176, 256, 3) and image.dtype == torch.float32
+    assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
+    assert mask.shape == (1, 176, 256) and float(mask.abs().max()) == 0.0  # no face analysis: no mask
+    assert pack.utils.UPDATES and pack.utils.UPDATES[-1][0] == pack.utils.UPDATES[-1][1]
+
+
+def test_reference_encoder_and_upscale_with_reference(pack, model, faces):
+    tom = _as_image(_photo("Tom_Hanks_54745.png"))
+    ref, preview = pack.nodes["HeadsUpReferenceEncoder"].execute(image=tom, face_analysis=faces).result
+    assert preview.shape == (1, 512, 512, 3) and float(preview.std()) > 0.01
+    assert len(ref.references) == 1 and ref.analyzer is faces
+    # The portrait is the reference face itself, shrunk: it must be found, masked and matched.
+    lq = _as_image(_photo("Tom_Hanks_54745.png"), (48, 48))
+    image, mask = pack.nodes["HeadsUpUpscale"].execute(model=model, image=lq, scale=4.0, tile_size=0,
+                                                        color_fix="adain", reference=ref).result
+    assert image.shape == (1, 192, 192, 3) and mask.shape == (1, 192, 192)
+    assert float(mask.max()) > 0.5 and float(mask[:, :4, :4].max()) < 0.5  # face centre masked, corner not
+
+
+def test_chained_encoders_make_a_group(pack, faces):
+    tom = _as_image(_photo("Tom_Hanks_54745.png"))
+    other = _as_image(_photo("t1.jpg").crop((0, 0, 400, 400)), (112, 112))
+    first, _ = pack.nodes["HeadsUpReferenceEncoder"].execute(image=tom, face_analysis=faces).result
+    both, _ = pack.nodes["HeadsUpReferenceEncoder"].execute(image=other, face_analysis=faces, previous=first).result
+    assert len(both.references) == 2 and both.references[0] is first.references[0]
+
+
+def test_reference_without_a_face_is_a_clear_error(pack, faces):
+    black = torch.zeros(1, 64, 64, 3)
+    with pytest.raises(FaceError, match="image"):
+        pack.nodes["HeadsUpReferenceEncoder"].execute(image=black, face_analysis=faces)
+
+
+def test_facexlib_backend_loads_from_facedetection(pack):
+    analyzer = pack.nodes["HeadsUpFaceAnalysisLoader"].execute(
+        backend="facexlib", pack="facexlib/retinaface_mobile0.25", provider="CPU")[0]
+    assert analyzer.detect(np.zeros((64, 64, 3), np.uint8)) == []
