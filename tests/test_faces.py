@@ -235,3 +235,37 @@ def test_no_face_gives_empty_condition():
                                 references=[make_reference([1, 0])])
     assert cond.assignments == [] and not cond.has_reference
     assert float(cond.mask.max()) == 0.0 and float(cond.canvas.abs().max()) == 0.0
+
+
+def test_parsing_mask_replaces_the_ellipse():
+    """An analyzer with a parser: its template-space mask is warped onto the face (plumbing, stub parser)."""
+
+    class ParsingStub(StubAnalyzer):
+        parser = object()
+
+        def parse_mask(self, crop):
+            assert crop.shape == (512, 512, 3)
+            m = np.zeros((512, 512), np.float32)
+            m[200:300, 150:360] = 1.0  # a horizontal band through the eyes and nose
+            return m
+
+    face = face_at(100, 100, 160)
+    lq = np.zeros((200, 200, 3), np.uint8)
+    plain = build_face_condition(lq, (200, 200), StubAnalyzer([face]))
+    parsed = build_face_condition(lq, (200, 200), ParsingStub([face]))
+    assert not np.allclose(plain.mask.numpy(), parsed.mask.numpy())
+    band_centre = apply(estimate_similarity(FFHQ_512, face.kps), np.array([[255.0, 250.0]]))[0]
+    assert float(parsed.mask[0, 0, int(band_centre[1]), int(band_centre[0])]) > 0.99
+
+
+def test_as_references():
+    from headsup_core.faces import as_references
+
+    ref = make_reference([1, 0])
+    assert as_references(None) == [] and as_references(ref) == [ref] and as_references([ref, ref]) == [ref, ref]
+    with pytest.raises(FaceError, match="face analyzer"):
+        as_references(np.zeros((32, 32, 3), np.uint8), analyzer=None)
+    with pytest.raises(FaceError, match="Mix"):
+        as_references([ref, np.zeros((32, 32, 3), np.uint8)])
+    got = as_references(np.zeros((32, 32, 3), np.uint8), StubAnalyzer([face_at(16, 16, 20, embedding=[1, 0])]))
+    assert len(got) == 1 and got[0].crop.shape == (512, 512, 3)

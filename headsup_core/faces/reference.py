@@ -109,3 +109,23 @@ def _expand(images) -> list[tuple[object, str]]:
                 out.append((img, _name(img, i)))
         return out
     return [(images, _name(images, 0))]
+
+
+def as_references(reference, analyzer=None) -> list[Reference]:
+    """Normalise ``pipe.upscale(reference=...)``: None, a Reference, a list of References, or photos of ONE
+    person (encoded with ``analyzer``) -> a list of References."""
+    if reference is None:
+        return []
+    if isinstance(reference, Reference):
+        return [reference]
+    if isinstance(reference, (list, tuple)) and reference and all(isinstance(r, Reference) for r in reference):
+        return list(reference)
+    if isinstance(reference, (list, tuple)) and any(isinstance(r, Reference) for r in reference):
+        raise FaceError("Mix of encoded References and raw images given as references; encode the images with "
+                        "encode_reference() first.")
+    if isinstance(reference, (list, tuple)) and not reference:
+        return []
+    if analyzer is None:
+        raise FaceError("Reference photos need a face analyzer to find and align the face; pass face_analyzer= "
+                        "(load_face_analyzer) or choose faces='none' and no reference.")
+    return [encode_reference(reference, analyzer)]
