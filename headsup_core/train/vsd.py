@@ -1,8 +1,8 @@
 """Variational score distillation (VSD) with a regulariser LoRA UNet, as OSEDiff's ``OSEDiff_reg``.
 
 OSEDiff keeps two extra SD UNets: ``unet_fix`` (frozen pretrained) and ``unet_update`` (the same UNet with
-trainable LoRA). Here one copy serves both: peft's ``disable_adapter()`` gives the frozen prediction and the
-enabled ``reg`` adapter gives the updated one -- the same numbers with one UNet less in memory.
+trainable LoRA). Here one copy serves both: switching the adapter off gives the frozen prediction and the
+enabled ``reg`` adapter gives the updated one (diffusers' ``disable_adapters``/``enable_adapters``) -- the same numbers with one UNet less in memory.
 
 * ``distribution_matching_loss`` (generator step): t ~ U[20, 980), noise the generator's x0 latent, predict x0
   with both UNets (the frozen one with classifier-free guidance ``cfg``), and pull the latent along
@@ -41,17 +41,15 @@ class VSDRegulariser(nn.Module):
                  alphas_cumprod: torch.Tensor | None = None, cfg: float = 7.5,
                  t_range: tuple[int, int] = (20, 980), gradient_checkpointing: bool = False):
         super().__init__()
-        from peft import LoraConfig
-
-        from ..lora import osediff_unet_targets
+        from ..lora import add_adapters, osediff_unet_targets
 
         self.unet = copy.deepcopy(base_unet)
         self.unet.requires_grad_(False)
         enc, dec, others = osediff_unet_targets(self.unet)
-        self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                         target_modules=list(enc) + list(dec) + list(others)),
-                              adapter_name=REG_ADAPTER)
-        self.unet.set_adapter(REG_ADAPTER)
+        # one adapter over OSEDiff's three target groups (same rank and alpha, so the same function)
+        add_adapters(self.unet, {REG_ADAPTER: list(enc) + list(dec) + list(others)}, rank)
+        for p in self.lora_parameters():
+            p.requires_grad_(True)
         if gradient_checkpointing and hasattr(self.unet, "enable_gradient_checkpointing"):
             self.unet.enable_gradient_checkpointing()
         ac = alphas_cumprod if alphas_cumprod is not None else alphas_cumprod_from_config()
@@ -95,9 +93,12 @@ class VSDRegulariser(nn.Module):
         emb, neg = prompt_embeds.expand(b, -1, -1), neg_prompt_embeds.expand(b, -1, -1)
         with torch.no_grad():
             x0_update = self.to_x0(self._unet(z_t.to(dtype), t, emb.to(dtype)).float(), z_t, t)
-            with self.unet.disable_adapter():
+            self.unet.disable_adapters()  # the frozen pretrained UNet (OSEDiff's unet_fix)
+            try:
                 pred = self._unet(torch.cat([z_t] * 2).to(dtype), torch.cat([t] * 2),
                                   torch.cat([neg, emb]).to(dtype)).float()
+            finally:
+                self.unet.enable_adapters()
             uncond, cond = pred.chunk(2)
             x0_fix = self.to_x0(uncond + self.cfg * (cond - uncond), z_t, t)
         weight = (latents - x0_fix).abs().mean(dim=[1, 2, 3], keepdim=True)
@@ -114,3 +115,7 @@ class VSDRegulariser(nn.Module):
         dtype = next(self.unet.parameters()).dtype
         pred = self._unet(z_t.to(dtype), t, prompt_embeds.expand(b, -1, -1).to(dtype))
         return F.mse_loss(pred.float(), self._target(latents, noise, t).float())
+
+    def forward(self, latents, prompt_embeds):
+        """The regulariser's own training loss (so a DDP-wrapped module runs it through ``forward``)."""
+        return self.diff_loss(latents, prompt_embeds)

@@ -1,0 +1,371 @@
+"""``headsup train CONFIG.yaml``: OSEDiff-style one-step training with HeadsUp's face-aware conditioning.
+
+Per step (as OSEDiff's ``train_osediff.py``, plus the face terms):
+1. GT crops -> Real-ESRGAN LQ on the device -> bicubic back to GT size -> [-1, 1].
+2. Generator (``HeadsUpGenerator``): VAE-encode LQ and the reference canvas, ``assemble_unet_input`` (the
+   function inference uses), one UNet step at t=999, decode.
+3. Generator loss: MSE + LPIPS + VSD + face MSE/LPIPS/identity/adversarial; AdamW on the VAE-encoder and UNet
+   LoRA plus the full ``conv_in``.
+4. Regulariser step: the VSD LoRA UNet's diffusion loss on the detached latents.
+5. Face discriminator step on detached face crops.
+Runs on accelerate (devices, mixed precision, multi-GPU); ``save_state``/``load_state`` give exact resume (models,
+optimizers, schedulers, RNG, step); data order is a function of (seed, step) (``data.StepBatches``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import HeadsUpError, MissingDependencyError
+from ..model import HeadsUpModel, assemble_unet_input, mask_to_latent
+from .config import load_train_config, stage_plan  # noqa: F401  (re-exported for the CLI)
+
+log = logging.getLogger(__name__)
+
+
+class HeadsUpGenerator(nn.Module):
+    """The trained network, with a ``forward`` so that DDP sees every call."""
+
+    def __init__(self, model: HeadsUpModel):
+        super().__init__()
+        self.model = model
+        conv = model.unet.conv_in  # peft wraps it during training: read the base layer's width
+        self.in_channels = int(getattr(conv, "base_layer", conv).in_channels)
+
+    def forward(self, x_src, canvas, mask_px, has_ref, prompt_embeds):
+        m = self.model
+        lq_latent = m.encode(x_src)
+        mask_lat = mask_to_latent(mask_px, tuple(lq_latent.shape[-2:]))
+        ref_latent = None
+        if bool(has_ref.any()):  # as the pipeline: encode the canvas, keep it inside the face mask only
+            ref_latent = m.encode(canvas) * (mask_lat > 0) * has_ref.view(-1, 1, 1, 1).to(lq_latent.dtype)
+        unet_in = assemble_unet_input(lq_latent, ref_latent, mask_lat, self.in_channels)
+        x0 = m.predict_x0(unet_in, lq_latent, prompt_embeds)
+        return x0, m.decode(x0)
+
+
+class _Progress:
+    """Registered with accelerate so the step is part of the saved state."""
+
+    def __init__(self):
+        self.step = 0
+
+    def state_dict(self):
+        return {"step": self.step}
+
+    def load_state_dict(self, sd):
+        self.step = int(sd["step"])
+
+
+def _trainable(named_params, keep) -> list[nn.Parameter]:
+    out = []
+    for n, p in named_params:
+        p.requires_grad_(keep(n))
+        if p.requires_grad:
+            out.append(p)
+    return out
+
+
+class Trainer:
+    def __init__(self, cfg: dict):
+        try:
+            from accelerate import Accelerator
+            from accelerate.utils import ProjectConfiguration, set_seed
+        except ImportError as e:
+            raise MissingDependencyError("Training needs accelerate; run `pip install accelerate`.") from e
+        self.cfg = cfg
+        self.out = Path(cfg["output_dir"])
+        self.out.mkdir(parents=True, exist_ok=True)
+        trackers = None
+        try:
+            import tensorboard  # noqa: F401
+            trackers = "tensorboard"
+        except ImportError:
+            log.info("tensorboard is not installed; losses are logged to the console and logs.jsonl only")
+        self.acc = Accelerator(mixed_precision=cfg["mixed_precision"], cpu=cfg.get("device") == "cpu",
+                               gradient_accumulation_steps=cfg["gradient_accumulation_steps"], log_with=trackers,
+                               project_config=ProjectConfiguration(project_dir=str(self.out),
+                                                                   logging_dir=str(self.out / "logs")))
+        set_seed(cfg["seed"])
+        self.progress = _Progress()
+        self._build_models()
+        self._build_losses()
+        self._build_optim()
+        self.acc.register_for_checkpointing(self.progress)
+        if trackers:
+            self.acc.init_trackers("headsup", config={k: str(v) for k, v in cfg.items() if not isinstance(v, dict)})
+        if cfg.get("resume"):
+            self.resume(cfg["resume"])
+
+    # ---------------------------------------------------------------- setup
+    def _build_models(self):
+        from ..base_models import load_base, widen_conv_in
+        from ..lora import add_osediff_adapters
+        from ..pipeline import HeadsUpPipeline
+        from .vsd import VSDRegulariser, alphas_cumprod_from_config
+
+        c, mc = self.cfg, self.cfg["model"]
+        base = load_base(c["base"])
+        self.prediction_type = base.prediction_type
+        unet_4ch = copy.deepcopy(base.unet)  # the regulariser is a plain SD UNet, as OSEDiff's
+        init = self._load_init()
+        widen_conv_in(base.unet, 9)
+        rank_u, rank_v = (init.rank_unet, init.rank_vae) if init else (mc["rank_unet"], mc["rank_vae"])
+        self.targets = add_osediff_adapters(base.unet, base.vae, rank_u, rank_v)
+        if init:
+            self._apply_init(base.unet, base.vae, init)
+        self.model = HeadsUpModel(base.vae, base.unet, base.prediction_type, 999, sample_latent=mc["sample_latent"])
+        gen_params = _trainable(base.unet.named_parameters(), lambda n: "lora_" in n or n.startswith("conv_in."))
+        gen_params += _trainable(base.vae.named_parameters(), lambda n: "lora_" in n)
+        self.gen_params = gen_params
+        if c["gradient_checkpointing"]:
+            base.unet.enable_gradient_checkpointing()
+            base.vae.enable_gradient_checkpointing()
+        prompt_pipe = HeadsUpPipeline(self.model, base.text_encoder_loader)
+        self.prompt_embeds = self._embed(prompt_pipe, mc["prompt"])
+        if init is not None and init.prompt_embeds is not None and not mc["prompt"]:
+            self.prompt_embeds = init.prompt_embeds.float()
+        self.neg_embeds = self._embed(prompt_pipe, mc["neg_prompt"])
+        self.reg = None
+        if any(st["losses"]["vsd"] for st in stage_plan(c)):
+            import json
+
+            sched_file = Path(c["base"]) / "scheduler" / "scheduler_config.json"  # diffusers-folder bases
+            ac = alphas_cumprod_from_config(json.loads(sched_file.read_text())) if sched_file.is_file() else None
+            self.reg = VSDRegulariser(unet_4ch, rank=rank_u, prediction_type=base.prediction_type,
+                                      alphas_cumprod=ac, cfg=c["losses"]["cfg_vsd"],
+                                      gradient_checkpointing=c["gradient_checkpointing"])
+        del unet_4ch
+        self.generator = HeadsUpGenerator(self.model)
+
+    def _load_init(self):
+        from ..checkpoint import convert_osediff, load_weights
+
+        path = self.cfg.get("init_weights")
+        if not path:
+            return None
+        if not str(path).endswith(".safetensors"):  # OSEDiff .pkl: convert (merges its conv_in LoRA, widens it)
+            path = convert_osediff(path, self.out / "init_from_osediff.safetensors")
+        return load_weights(path)
+
+    @staticmethod
+    def _apply_init(unet, vae, w):
+        from ..checkpoint import _load_into  # core's strict loader (unknown / mis-shaped keys raise WeightsError)
+
+        with torch.no_grad():
+            lora = {k: v for k, v in w.unet_state.items() if k not in ("conv_in.weight", "conv_in.bias")}
+            own = dict(unet.named_parameters())
+            for k in [k for k in own if k.startswith("conv_in.lora_")]:
+                lora.setdefault(k, own[k].detach().clone())  # conv_in's own LoRA starts fresh (B = 0)
+            _load_into(unet, lora, "UNet", w.path)
+            unet.conv_in.base_layer.weight.copy_(w.unet_state["conv_in.weight"])
+            unet.conv_in.base_layer.bias.copy_(w.unet_state["conv_in.bias"])
+            _load_into(vae, w.vae_state, "VAE", w.path)
+
+    def _embed(self, pipe, text):
+        try:
+            return pipe.encode_prompt(text).detach().float()
+        except HeadsUpError:
+            log.warning("the base has no text encoder: training with an all-zero prompt embedding")
+            return torch.zeros(1, 77, self.model.cross_attention_dim)
+
+    def _build_losses(self):
+        from .degradations import RealESRGANDegradation, load_degradation_config
+        from .losses import ArcFaceIdentity, LPIPSLoss, PatchDiscriminator
+
+        lc, plan = self.cfg["losses"], stage_plan(self.cfg)
+        self.degrade = RealESRGANDegradation(load_degradation_config(self.cfg["data"].get("degradation"),
+                                                                     scale=self.cfg["data"]["scale"]))
+        need_lpips = any(st["losses"]["lpips"] or st["losses"]["face_lpips"] for st in plan)
+        self.lpips = LPIPSLoss(lc["lpips_net"], lc["lpips_backbone"], random=lc["lpips_random"]) if need_lpips \
+            else None
+        self.arcface = (ArcFaceIdentity(lc["arcface_weights"], tiny=lc["arcface_tiny"])
+                        if any(st["losses"]["face_id"] for st in plan) else None)
+        self.disc = PatchDiscriminator(lc["disc_channels"]) if any(st["losses"]["face_adv"] for st in plan) else None
+        dev = self.acc.device
+        for m in (self.lpips, self.arcface):
+            if m is not None:
+                m.to(dev)
+
+    def _build_optim(self):
+        from diffusers.optimization import get_scheduler
+
+        o = self.cfg["optim"]
+
+        def adamw(params, lr):
+            return torch.optim.AdamW(params, lr=lr, betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
+
+        def sched(opt):
+            return get_scheduler(o["lr_scheduler"], optimizer=opt, num_warmup_steps=o["lr_warmup_steps"],
+                                 num_training_steps=sum(st["steps"] for st in stage_plan(self.cfg)))
+
+        objs = [self.generator, adamw(self.gen_params, o["lr"])]
+        objs.append(sched(objs[1]))
+        if self.reg is not None:
+            ropt = adamw(self.reg.lora_parameters(), o["lr_reg"])
+            objs += [self.reg, ropt, sched(ropt)]
+        if self.disc is not None:
+            dopt = torch.optim.AdamW(self.disc.parameters(), lr=o["lr_disc"], betas=(0.5, 0.999))
+            objs += [self.disc, dopt]
+        prepared = iter(self.acc.prepare(*objs))
+        self.generator, self.opt, self.sched = next(prepared), next(prepared), next(prepared)
+        if self.reg is not None:
+            self.reg, self.opt_reg, self.sched_reg = next(prepared), next(prepared), next(prepared)
+        if self.disc is not None:
+            self.disc, self.opt_disc = next(prepared), next(prepared)
+        self.prompt_embeds = self.prompt_embeds.to(self.acc.device)
+        self.neg_embeds = self.neg_embeds.to(self.acc.device)
+
+    # ---------------------------------------------------------------- state
+    @property
+    def step(self) -> int:
+        return self.progress.step
+
+    def save_state(self) -> Path:
+        path = self.out / "state" / f"step_{self.step:07d}"
+        self.acc.save_state(str(path))
+        if self.acc.is_main_process:
+            states = sorted((self.out / "state").glob("step_*"))
+            for old in states[: max(0, len(states) - int(self.cfg["keep_states"]))]:
+                import shutil
+
+                shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def resume(self, where):
+        path = Path(where)
+        if str(where) == "latest":
+            states = sorted((self.out / "state").glob("step_*"))
+            if not states:
+                log.info("no saved state in %s; starting from step 0", self.out / "state")
+                return
+            path = states[-1]
+        if not path.is_dir():
+            raise HeadsUpError(f"Cannot resume: {path} is not a saved training state folder.")
+        self.acc.load_state(str(path))
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def save_checkpoint(self, path=None) -> Path:
+        from ..checkpoint import save_headsup_checkpoint
+
+        path = Path(path or self.out / "checkpoints" / f"headsup_step_{self.step:07d}.safetensors")
+        model = self.acc.unwrap_model(self.generator).model
+        meta = {"prediction_type": self.prediction_type, "trained_steps": self.step, "trainer": "headsup train",
+                "degradation": "realesrgan-second-order", "ref_dropout": self.cfg["data"]["ref_dropout"],
+                "losses": {k: v for k, v in self.cfg["losses"].items() if isinstance(v, (int, float))}}
+        if self.acc.is_main_process:
+            save_headsup_checkpoint(path, model.unet, model.vae, meta, prompt_embeds=self.prompt_embeds.cpu())
+        return path
+
+    # ---------------------------------------------------------------- training
+    def make_lq(self, gt: torch.Tensor, step: int, salt: int = 0) -> torch.Tensor:
+        seed = (self.cfg["seed"] * 1_000_003 + step * 7919 + self.acc.process_index * 131 + salt) % 2**62
+        lq = self.degrade(gt, seed=seed)
+        return F.interpolate(lq, size=gt.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+
+    def train_step(self, batch: dict, stage: dict) -> dict:
+        from .losses import FaceLosses, discriminator_loss, image_losses
+
+        w, dev = stage["losses"], self.acc.device
+        gt = batch["gt"].to(dev)
+        x_src, x_tgt = self.make_lq(gt, self.step) * 2 - 1, gt * 2 - 1
+        faces = {k: v.to(dev) for k, v in batch["faces"].items()}
+        self.generator.train()
+        logs = {}
+        with self.acc.accumulate(self.generator):
+            with self.acc.autocast():
+                x0, sr = self.generator(x_src, batch["canvas"].to(dev), batch["mask"].to(dev),
+                                        batch["has_ref"].to(dev), self.prompt_embeds)
+                losses = image_losses(sr, x_tgt, self.lpips, w["mse"], w["lpips"])
+                if w["vsd"] and self.reg is not None:
+                    losses["vsd"] = self.acc.unwrap_model(self.reg).distribution_matching_loss(
+                        x0, self.prompt_embeds, self.neg_embeds) * w["vsd"]
+                face_l = FaceLosses(self.lpips, self.arcface, self.acc.unwrap_model(self.disc) if self.disc else None,
+                                    w["face_mse"], w["face_lpips"], w["face_id"], w["face_adv"], w["face_crop_size"])
+                f_losses, crops = face_l(sr, x_tgt, faces)
+                losses.update(f_losses)
+                total = sum(losses.values())
+            self.acc.backward(total)
+            if self.acc.sync_gradients and self.cfg["max_grad_norm"]:
+                self.acc.clip_grad_norm_(self.gen_params, self.cfg["max_grad_norm"])
+            self.opt.step()
+            self.sched.step()
+            self.opt.zero_grad(set_to_none=True)
+            if self.reg is not None and w["vsd_lora"]:
+                with self.acc.autocast():
+                    loss_d = self.reg(x0.detach(), self.prompt_embeds) * w["vsd_lora"]
+                self.acc.backward(loss_d)
+                self.opt_reg.step()
+                self.sched_reg.step()
+                self.opt_reg.zero_grad(set_to_none=True)
+                logs["vsd_lora"] = loss_d.item()
+            if self.disc is not None and w["face_adv"] and crops is not None:
+                with self.acc.autocast():
+                    d_loss = discriminator_loss(self.disc, *crops)
+                self.acc.backward(d_loss)
+                self.opt_disc.step()
+                self.opt_disc.zero_grad(set_to_none=True)
+                logs["disc"] = d_loss.item()
+        logs.update({k: v.item() for k, v in losses.items()})
+        logs["total"] = total.item()
+        logs["faces"] = int(faces["boxes"].shape[0])
+        return logs
+
+    def _loader(self, stage: dict, start: int, steps: int, split="train"):
+        from .data import PortraitCrops, StepBatches, collate, load_samples
+
+        d = stage["data"]
+        samples = load_samples(d.get("manifest"), d.get("folders") or (), split)
+        ds = PortraitCrops(samples, d["gt_size"], d["scale"], d["ref_dropout"], d["face_crop_prob"],
+                           d["min_eye_distance"])
+        sampler = StepBatches(len(ds), d["batch_size"], self.cfg["seed"] + stage["index"], start,
+                              self.acc.num_processes, self.acc.process_index, steps)
+        return torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate,
+                                           num_workers=d["num_workers"])
+
+    def train(self, max_steps: int | None = None) -> list[dict]:
+        """Run (or continue) the stages up to ``max_steps`` total steps; returns the per-step logs."""
+        import json
+
+        plan = stage_plan(self.cfg)
+        end = sum(st["steps"] for st in plan) if max_steps is None else max_steps
+        history = []
+        logfile = (self.out / "logs.jsonl").open("a") if self.acc.is_main_process else None
+        while self.step < end:
+            stage = next(st for st in plan if st["start"] <= self.step < st["start"] + st["steps"])
+            n = min(end, stage["start"] + stage["steps"]) - self.step
+            for batch in self._loader(stage, self.step - stage["start"], n):
+                logs = self.train_step(batch, stage)
+                self.progress.step += 1
+                logs.update(step=self.step, stage=stage["name"], lr=self.sched.get_last_lr()[0])
+                history.append(logs)
+                self._periodic(logs, logfile, json)
+        if logfile:
+            logfile.close()
+        if history:
+            self.save_checkpoint(self.out / "headsup_final.safetensors")
+            self.save_state()
+        self.acc.end_training()
+        return history
+
+    def _periodic(self, logs, logfile, json):
+        c, s = self.cfg, self.step
+        if logfile:
+            logfile.write(json.dumps(logs) + "\n")
+            logfile.flush()
+        if c["log_every"] and s % c["log_every"] == 0:
+            self.acc.log({k: v for k, v in logs.items() if isinstance(v, (int, float))}, step=s)
+            log.info("step %d  %s", s, "  ".join(f"{k}={v:.4g}" for k, v in logs.items() if isinstance(v, float)))
+        if c["val_every"] and s % c["val_every"] == 0:
+            from .validate import validate
+
+            self.acc.log({f"val/{k}": v for k, v in validate(self).items()}, step=s)
+        if c["save_every"] and s % c["save_every"] == 0:
+            self.save_checkpoint()
+            self.save_state()
