@@ -18,6 +18,7 @@ from .types import DetectedFace, FaceCondition, Reference
 log = logging.getLogger(__name__)
 
 MASK_MARGIN = 0.10  # the face region is grown by this fraction of the face size, then feathered by half of it
+STRIP_ROWS = 256
 
 
 def match_references(face_embeddings, ref_embeddings, threshold: float = 0.3) -> list[tuple[int | None, float | None]]:
@@ -57,7 +58,8 @@ def match_references(face_embeddings, ref_embeddings, threshold: float = 0.3) ->
 
 
 def _face_region(template_mask: np.ndarray | None, m_tpl: np.ndarray, face: DetectedFace, out_hw, size: float):
-    """Soft mask of one face inside its window: (roi, float32 mask) or None when the face is off-image."""
+    """Soft mask of one face: (window, low-resolution float32 mask, its 2x3 map to image pixels), or None when
+    the face is off-image."""
     cv2 = cv2_module()
     margin = MASK_MARGIN * size
     sigma = margin / 2.0
@@ -84,9 +86,25 @@ def _face_region(template_mask: np.ndarray | None, m_tpl: np.ndarray, face: Dete
     bx0, by0 = int(np.floor(x1 - margin)) - rx0, int(np.floor(y1 - margin)) - ry0
     bx1, by1 = int(np.ceil(x2 + margin)) - rx0, int(np.ceil(y2 + margin)) - ry0
     cv2.rectangle(region, (bx0, by0), (bx1, by1), 255, -1)
-    soft = cv2.GaussianBlur(region.astype(np.float32) / 255.0, (0, 0), sigmaX=max(sigma, 0.5))
-    np.clip(soft, 0.0, 1.0, out=soft)
-    return roi, soft
+    # Feather at a reduced resolution (block mean by k, blur with sigma / k): a blur with sigma in the hundreds
+    # of pixels at 8K would cost minutes; the feathered mask is smooth, so upsampling it loses nothing.
+    k = max(1, int(sigma // 3))
+    h, w = region.shape
+    hl, wl = -(-h // k), -(-w // k)
+    padded = np.zeros((hl * k, wl * k), np.float32)
+    padded[:h, :w] = region
+    low = padded.reshape(hl, k, wl, k).mean(axis=(1, 3)) / 255.0
+    low = cv2.GaussianBlur(low, (0, 0), sigmaX=max(sigma / k, 0.5))
+    np.clip(low, 0.0, 1.0, out=low)
+    to_image = np.array([[k, 0, 0.5 * k - 0.5 + rx0], [0, k, 0.5 * k - 0.5 + ry0]], np.float64)
+    return roi, low, to_image
+
+
+def _strips(roi, rows: int = STRIP_ROWS):
+    """Split a window into horizontal strips, so per-face float buffers stay small at any output size."""
+    x0, y0, x1, y1 = roi
+    for ys in range(y0, y1, rows):
+        yield x0, ys, x1, min(ys + rows, y1)
 
 
 def _sorted_faces(faces: list[DetectedFace]) -> list[DetectedFace]:
@@ -154,9 +172,11 @@ def build_face_condition(lq_rgb: np.ndarray, out_size, analyzer, references=None
             tpl_mask = parse(crop)
         region = _face_region(tpl_mask, m_tpl, face, (h_out, w_out), size)
         if region is not None:
-            (x0, y0, x1, y1), soft = region
-            view = mask[0, 0, y0:y1, x0:x1]
-            torch.maximum(view, torch.from_numpy(soft), out=view)
+            roi, low, to_image = region
+            for strip in _strips(roi):
+                part = warp_into_roi(low, to_image, strip, flags=cv2.INTER_LINEAR)
+                view = mask[0, 0, strip[1]:strip[3], strip[0]:strip[2]]
+                torch.maximum(view, torch.from_numpy(part), out=view)
         if ref_idx is not None:
             _place_reference(canvas, refs[ref_idx], face, (h_out, w_out), cv2)
     return FaceCondition(canvas=canvas, mask=mask, assignments=assignments,
@@ -179,9 +199,11 @@ def _place_reference(canvas, ref: Reference, face: DetectedFace, out_hw, cv2) ->
     roi = roi_of(corners, out_hw, margin=1.0)
     if roi is None:
         return
-    x0, y0, x1, y1 = roi
-    warped = warp_into_roi(crop, m, roi, flags=cv2.INTER_CUBIC if scale_of(m) > 1.0 else cv2.INTER_LINEAR)
-    valid = warp_into_roi(np.full(crop.shape[:2], 255, np.uint8), m, roi, flags=cv2.INTER_NEAREST) > 0
-    patch = torch.from_numpy(warped).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-    view = canvas[0, :, y0:y1, x0:x1]
-    view.copy_(torch.where(torch.from_numpy(valid)[None], patch, view))
+    ones = np.full(crop.shape[:2], 255, np.uint8)
+    interp = cv2.INTER_CUBIC if scale_of(m) > 1.0 else cv2.INTER_LINEAR
+    for x0, y0, x1, y1 in _strips(roi):
+        warped = warp_into_roi(crop, m, (x0, y0, x1, y1), flags=interp)
+        valid = torch.from_numpy(warp_into_roi(ones, m, (x0, y0, x1, y1), flags=cv2.INTER_NEAREST) > 0)
+        patch = torch.from_numpy(warped).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+        view = canvas[0, :, y0:y1, x0:x1]
+        view.copy_(torch.where(valid[None], patch, view))
