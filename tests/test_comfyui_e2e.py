@@ -1,0 +1,264 @@
+"""End to end against a real ComfyUI checkout (skipped unless COMFYUI_PATH is set).
+
+Starts `main.py --cpu` on a free loopback port with `--base-directory` pointing at a temporary folder that
+holds the pack (symlinked into custom_nodes/), the tiny models in ComfyUI's model folders, and test photos
+in input/. Then: /object_info lists the nodes; every shipped API workflow runs through POST /prompt and
+saves images of the right size; bad workflows (missing weights, a reference without a face) report a clear
+error in the history while the server stays up; a long run stops on POST /interrupt.
+
+COMFYUI_PYTHON selects the interpreter that runs ComfyUI (default: $COMFYUI_PATH/venv/bin/python if it
+exists, else this interpreter). It needs ComfyUI's requirements and this pack's requirements.txt.
+"""
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+COMFYUI = os.environ.get("COMFYUI_PATH")
+PACK_DIR = Path(__file__).resolve().parents[1]
+API_DIR = PACK_DIR / "workflows" / "api"
+NODE_IDS = ("HeadsUpLoader", "HeadsUpFaceAnalysisLoader", "HeadsUpReferenceEncoder", "HeadsUpUpscale")
+INPUT_SIZES = {"portrait.png": (96, 66), "reference.png": (112, 112), "group.png": (112, 56),
+               "person_a.png": (112, 112), "person_b.png": (112, 112), "black.png": (64, 64), "big.png": (320, 320)}
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
+              pytest.mark.skipif(not COMFYUI, reason="set COMFYUI_PATH to a ComfyUI checkout to run")]
+
+
+def _python():
+    if os.environ.get("COMFYUI_PYTHON"):
+        return os.environ["COMFYUI_PYTHON"]
+    venv = Path(COMFYUI) / "venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _photo(name):
+    import insightface
+
+    return Image.open(Path(insightface.__file__).parent / "data" / "images" / name).convert("RGB")
+
+
+def _write_inputs(folder):
+    tom = _photo("Tom_Hanks_54745.png")
+    other = _photo("t1.jpg").crop((0, 0, 400, 400)).resize((112, 112), Image.BICUBIC)
+    group = Image.new("RGB", (224, 112))
+    group.paste(tom, (0, 0))
+    group.paste(other, (112, 0))
+    rng = np.random.default_rng(0)
+    images = {
+        "portrait.png": _photo("t1.jpg"), "reference.png": tom, "group.png": group, "person_a.png": tom,
+        "person_b.png": other, "black.png": Image.new("RGB", (64, 64)),
+        "big.png": Image.fromarray(rng.integers(0, 255, (320, 320, 3), dtype=np.uint8)),
+    }
+    for name, img in images.items():
+        img.resize(INPUT_SIZES[name], Image.BICUBIC).save(folder / name)
+
+
+@pytest.fixture(scope="module")
+def tiny(request, tmp_path_factory):
+    try:
+        return request.getfixturevalue("tiny_models")
+    except pytest.FixtureLookupError:
+        from headsup_core.tiny import make_tiny
+
+        return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def server(tiny, tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy")
+    for sub in ("custom_nodes", "input", "output", "temp", "user", "models/headsup", "models/checkpoints",
+                "models/diffusers"):
+        (base / sub).mkdir(parents=True)
+    os.symlink(PACK_DIR, base / "custom_nodes" / "ComfyUI-HeadsUp", target_is_directory=True)
+    models = base / "models"
+    os.symlink(tiny["headsup"], models / "headsup" / "headsup.safetensors")
+    os.symlink(base / "unmounted" / "moved.safetensors", models / "headsup" / "moved_away.safetensors")  # dangling
+    os.symlink(tiny["base_single"], models / "checkpoints" / "base.safetensors")
+    os.symlink(tiny["base"], models / "diffusers" / "base", target_is_directory=True)
+    os.symlink(tiny["insightface_root"], models / "insightface", target_is_directory=True)
+    os.symlink(tiny["facexlib_dir"], models / "facedetection", target_is_directory=True)
+    _write_inputs(base / "input")
+    port = _free_port()
+    log_path = base / "server.log"
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([_python(), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+                                 "--base-directory", str(base)], cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT,
+                                env=env)
+    srv = SimpleNamespace(url=f"http://127.0.0.1:{port}", base=base, proc=proc, log=log_path)
+    deadline = time.time() + 300
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"ComfyUI exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            _get(srv, "/object_info/HeadsUpLoader")
+            break
+        except (urllib.error.URLError, ConnectionError, OSError):
+            if time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"ComfyUI did not come up:\n{log_path.read_text()[-3000:]}")
+            time.sleep(1)
+    yield srv
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _get(srv, path):
+    with urllib.request.urlopen(srv.url + path, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _post(srv, path, payload=None):
+    req = urllib.request.Request(srv.url + path, data=json.dumps(payload or {}).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            body = r.read()
+            return r.status, (json.loads(body) if body else None)
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"null")
+
+
+def _workflow(name, **widget_overrides):
+    """An API workflow with the tiny models selected; overrides are {class_type: {input: value}}."""
+    api = json.loads((API_DIR / f"{name}.json").read_text())
+    overrides = {"HeadsUpLoader": {"base": "diffusers/base"}, "HeadsUpFaceAnalysisLoader": {"pack": "tiny"}}
+    for typ, values in widget_overrides.items():
+        overrides.setdefault(typ, {}).update(values)
+    for node in api.values():
+        node["inputs"].update(overrides.get(node["class_type"], {}))
+    return api
+
+
+def _submit(srv, api):
+    status, body = _post(srv, "/prompt", {"prompt": api, "client_id": "headsup-e2e"})
+    assert status == 200, body
+    return body["prompt_id"]
+
+
+def _wait(srv, prompt_id, timeout=600):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        entry = _get(srv, f"/history/{prompt_id}").get(prompt_id)
+        if entry and entry.get("status", {}).get("completed") is not None and (
+                entry["status"]["completed"] or entry["status"].get("status_str") == "error"):
+            return entry
+        assert srv.proc.poll() is None, f"ComfyUI died:\n{srv.log.read_text()[-3000:]}"
+        time.sleep(0.5)
+    pytest.fail(f"prompt {prompt_id} did not finish in {timeout}s")
+
+
+def _messages(entry, kind):
+    return [data for name, data in entry["status"].get("messages", []) if name == kind]
+
+
+def _image_sizes(srv, entry, node_id):
+    out = []
+    for img in entry["outputs"].get(node_id, {}).get("images", []):
+        folder = srv.base / ("output" if img["type"] == "output" else "temp")
+        with Image.open(folder / img["subfolder"] / img["filename"]) as im:
+            out.append(im.size)
+    return out
+
+
+def test_object_info_lists_the_nodes_and_fits_the_workflows(server):
+    info = _get(server, "/object_info")
+    for node_id in NODE_IDS:
+        assert info[node_id]["category"] == "HeadsUp"
+    assert info["HeadsUpLoader"]["input"]["required"]["weights"][1]["options"] == ["headsup.safetensors",
+                                                                                   "moved_away.safetensors"]
+    for path in sorted(API_DIR.glob("*.json")):
+        for node in json.loads(path.read_text()).values():
+            spec = info[node["class_type"]]
+            order = spec["input_order"]
+            known = order.get("required", []) + order.get("optional", [])
+            assert set(node["inputs"]) <= set(known), (path.name, node["class_type"])
+            assert set(order.get("required", [])) <= set(node["inputs"]), (path.name, node["class_type"])
+
+
+def _id_of(api, class_type, title_part=""):
+    return next(k for k, v in api.items() if v["class_type"] == class_type and title_part in v["_meta"]["title"])
+
+
+@pytest.mark.parametrize("name,lq", [("headsup_portrait_x4", "portrait.png"),
+                                     ("headsup_reference_x4", "portrait.png"),
+                                     ("headsup_group_references", "group.png")])
+def test_shipped_workflow_runs(server, name, lq):
+    api = _workflow(name)
+    entry = _wait(server, _submit(server, api))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    w, h = INPUT_SIZES[lq]
+    assert _image_sizes(server, entry, _id_of(api, "SaveImage")) == [(4 * w, 4 * h)]
+    for node_id, node in api.items():
+        if node["class_type"] == "PreviewImage":
+            src = api[node["inputs"]["images"][0]]["class_type"]
+            expected = (512, 512) if src == "HeadsUpReferenceEncoder" else (4 * w, 4 * h)  # aligned face / mask
+            assert _image_sizes(server, entry, node_id) == [expected], (name, node["_meta"]["title"])
+
+
+def _error_of(server, api):
+    entry = _wait(server, _submit(server, api))
+    assert entry["status"]["status_str"] == "error"
+    errors = _messages(entry, "execution_error")
+    assert len(errors) == 1, entry["status"]
+    return errors[0]
+
+
+# ComfyUI 0.3.64 does not check V3 combo values when a prompt is queued, so both an unknown name and a file
+# that vanished (a dangling link to an unmounted drive) reach the loader, which must say what is missing.
+@pytest.mark.parametrize("weights", ["nope.safetensors", "moved_away.safetensors"])
+def test_missing_weights_file_reaches_the_history(server, weights):
+    err = _error_of(server, _workflow("headsup_portrait_x4", HeadsUpLoader={"weights": weights}))
+    assert err["node_type"] == "HeadsUpLoader" and err["exception_type"].endswith("MissingModelError")
+    assert f"'{weights}' was not found" in err["exception_message"]
+    assert str(server.base / "models" / "headsup") in err["exception_message"]
+    assert server.proc.poll() is None and _get(server, "/system_stats")
+
+
+def test_reference_without_a_face_reaches_the_history(server):
+    err = _error_of(server, _workflow("headsup_reference_x4", LoadImage={}) | {
+        "2": {"class_type": "LoadImage", "inputs": {"image": "black.png"}, "_meta": {"title": "no face"}}})
+    assert err["node_type"] == "HeadsUpReferenceEncoder" and err["exception_type"].endswith("FaceError")
+    assert "face" in err["exception_message"].lower()
+    assert server.proc.poll() is None and _get(server, "/system_stats")
+
+
+def test_interrupt_stops_a_long_run(server):
+    warm = _wait(server, _submit(server, _workflow("headsup_portrait_x4")))  # loader output cached by ComfyUI
+    assert warm["status"]["status_str"] == "success"
+    api = _workflow("headsup_portrait_x4", HeadsUpUpscale={"tile_size": 64})
+    api[_id_of(api, "LoadImage")]["inputs"]["image"] = "big.png"
+    prompt_id = _submit(server, api)
+    deadline = time.time() + 120
+    while not any(item[1] == prompt_id for item in _get(server, "/queue")["queue_running"]):
+        assert time.time() < deadline, "the long run never started"
+        time.sleep(0.2)
+    time.sleep(3)  # inside HeadsUpUpscale's tiles by now (LoadImage is instant, the loader is cached)
+    assert _post(server, "/interrupt")[0] == 200
+    entry = _wait(server, prompt_id, timeout=120)
+    interrupted = _messages(entry, "execution_interrupted")
+    assert entry["status"]["status_str"] == "error" and len(interrupted) == 1
+    assert interrupted[0]["node_type"] == "HeadsUpUpscale"
+    assert not entry["outputs"].get(_id_of(api, "SaveImage"))
+    assert server.proc.poll() is None and _get(server, "/system_stats")
