@@ -197,3 +197,31 @@ def test_reference_carries_its_analyzer(pack):
     assert pipe.calls[-1]["reference"] == ["r1", "r2"] and pipe.calls[-1]["face_analyzer"] is analyzer
     _run_upscale(pack, pipe, reference=ReferenceSet(references=("r1",), analyzer=analyzer), face_analysis=other)
     assert pipe.calls[-1]["face_analyzer"] is other
+
+
+def test_pack_lists_nodes_without_face_libraries(tmp_path):
+    # insightface, onnxruntime and facexlib blocked: the nodes still list; the face node says what is missing.
+    (tmp_path / "insightface" / "models" / "p").mkdir(parents=True)
+    (tmp_path / "insightface" / "models" / "p" / "det.onnx").write_bytes(b"x")
+    (tmp_path / "facedetection").mkdir()
+    (tmp_path / "facedetection" / "detection_mobilenet0.25_Final.pth").write_bytes(b"x")
+    code = f"""
+import sys
+for name in ("insightface", "onnxruntime", "facexlib"):
+    sys.modules[name] = None
+sys.path.insert(0, {str(Path(__file__).parent / "comfy_stub")!r})
+import harness
+from headsup_core.errors import MissingDependencyError
+pack = harness.load_pack({str(tmp_path)!r})
+print(sorted(pack.nodes))
+for backend, name in (("insightface", "p"), ("facexlib", "facexlib/retinaface_mobile0.25")):
+    try:
+        pack.nodes["HeadsUpFaceAnalysisLoader"].execute(backend=backend, pack=name, provider="CPU")
+    except MissingDependencyError as err:
+        print("missing:", err)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == str(sorted(NODE_IDS))
+    assert len(lines) == 3 and "onnxruntime" in lines[1] and "facexlib" in lines[2], lines
