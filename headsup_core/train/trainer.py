@@ -326,8 +326,9 @@ class Trainer:
                            d["min_eye_distance"])
         sampler = StepBatches(len(ds), d["batch_size"], self.cfg["seed"] + stage["index"], start,
                               self.acc.num_processes, self.acc.process_index, steps)
+        # its own generator: creating a loader must not draw from the global RNG (exact resume depends on it)
         return torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate,
-                                           num_workers=d["num_workers"])
+                                           num_workers=d["num_workers"], generator=torch.Generator().manual_seed(0))
 
     def train(self, max_steps: int | None = None) -> list[dict]:
         """Run (or continue) the stages up to ``max_steps`` total steps; returns the per-step logs."""
