@@ -1,0 +1,141 @@
+"""The A1111/Forge extension against a minimal stand-in for the webui's modules (tests/a1111_stub)."""
+import importlib.util
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+STUB = Path(__file__).resolve().parent / "a1111_stub"
+
+
+@pytest.fixture(scope="module")
+def tiny(request, tmp_path_factory):
+    try:
+        return request.getfixturevalue("tiny_models")
+    except pytest.FixtureLookupError:
+        from headsup_core.tiny import make_tiny
+
+        return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def webui(tiny, tmp_path_factory):
+    """The extension script imported the way A1111 does, with models/HeadsUp holding the tiny models."""
+    models = tmp_path_factory.mktemp("webui_models")
+    hu = models / "HeadsUp"
+    hu.mkdir()
+    os.symlink(tiny["base"], hu / "base", target_is_directory=True)
+    shutil.copy(tiny["headsup"], hu / "portrait.safetensors")
+    shutil.copy(tiny["osediff"], hu / "osediff.pkl")
+    (hu / "notes.txt").write_text("not a model")
+    os.symlink(tiny["insightface_root"], models / "insightface", target_is_directory=True)
+    sys.path.insert(0, str(STUB))
+    try:
+        from modules import shared
+
+        shared.models_path = str(models)
+        spec = importlib.util.spec_from_file_location("headsup_a1111_under_test", ROOT / "scripts" / "headsup_a1111.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        yield mod, shared
+    finally:
+        sys.path.remove(str(STUB))
+        for name in [n for n in sys.modules if n == "modules" or n.startswith("modules.")]:
+            del sys.modules[name]
+
+
+def _t1(width):
+    from test_eval_util import t1_path
+
+    im = Image.open(t1_path()).convert("RGB")
+    return im.resize((width, round(im.height * width / im.width)), Image.Resampling.LANCZOS)
+
+
+def test_discovers_one_entry_per_weights_file(webui):
+    mod, shared = webui
+    up = mod.UpscalerHeadsUp(None)
+    assert [s.name for s in up.scalers] == ["HeadsUp osediff", "HeadsUp portrait"]
+    assert all(s.scaler is up and os.path.isfile(s.data_path) for s in up.scalers)
+    # the upscaler is found the way modelloader.load_upscalers finds extensions' upscalers
+    from modules import upscaler
+
+    assert mod.UpscalerHeadsUp in upscaler.Upscaler.__subclasses__()
+
+
+def test_upscales_t1_to_requested_scale(webui):
+    from modules import devices
+
+    mod, shared = webui
+    up = mod.UpscalerHeadsUp(None)
+    data = next(s for s in up.scalers if s.name == "HeadsUp portrait")
+    img = _t1(160)  # 160 x 111
+    gc_before = devices.gc_calls
+    out = data.scaler.upscale(img, 2, data.data_path)  # the call Extras and hires fix make
+    assert out.size == (320, 216)  # A1111 rounds the target down to a multiple of 8
+    up.scale = 2
+    raw = up.do_upscale(img, data.data_path)
+    assert raw.size == (320, 222)  # HeadsUp itself gives exactly 2x
+    assert devices.gc_calls > gc_before
+    pipe = mod._CACHE[next(iter(mod._CACHE))]
+    assert pipe.device.type == "cpu"  # handed back to the CPU between runs
+
+
+def test_postprocessing_section_settings_apply_to_this_job_only(webui):
+    from modules import scripts_postprocessing
+
+    mod, shared = webui
+    section = mod.ScriptPostprocessingHeadsUp()
+    pp = scripts_postprocessing.PostprocessedImage(_t1(64))
+    shared.state.job_timestamp = "job-1"
+    section.process_firstpass(pp, enable=True, reference=None, color_fix="wavelet", tile_size=128)
+    section.process(pp, enable=True, reference=None, color_fix="wavelet", tile_size=128)
+    assert mod.current_options()["color_fix"] == "wavelet" and mod.current_options()["tile_size"] == 128
+    assert "wavelet" in pp.info["HeadsUp"]
+    up = mod.UpscalerHeadsUp(None)
+    up.scale = 2
+    out = up.do_upscale(_t1(96), up.scalers[1].data_path)
+    assert out.size == (192, 132)
+    shared.state.job_timestamp = "job-2"  # e.g. a later hires fix: defaults again
+    assert mod.current_options()["color_fix"] == "adain" and mod.current_options()["tile_size"] == 0
+    section.process_firstpass(pp, enable=False)
+    assert mod.current_options()["reference"] is None
+
+
+def test_stops_when_interrupted(webui, monkeypatch):
+    mod, shared = webui
+    up = mod.UpscalerHeadsUp(None)
+    data = up.scalers[0]
+    pipe = up.load_model(data.data_path)
+    calls = []
+    real = pipe.upscale
+
+    def spy(*a, progress=None, **k):
+        def counting(done, total):
+            calls.append(done)
+            if done == 1:
+                shared.state.interrupted = True  # the user presses Interrupt during the first tile
+            progress(done, total)
+        return real(*a, progress=counting, **k)
+
+    monkeypatch.setattr(pipe, "upscale", spy)
+    img = _t1(160)
+    try:
+        up.scale = 2
+        out = up.do_upscale(img, data.data_path)
+    finally:
+        shared.state.interrupted = False
+    assert out is img  # the input is handed on unchanged
+    assert calls == [1]  # nothing ran after the interrupt
+
+
+def test_missing_base_is_a_clear_error(webui, tmp_path, monkeypatch):
+    from headsup_core.errors import MissingModelError
+
+    mod, shared = webui
+    monkeypatch.delenv("HEADSUP_BASE", raising=False)
+    with pytest.raises(MissingModelError, match="base"):
+        mod.find_base(str(tmp_path))
