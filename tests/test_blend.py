@@ -104,3 +104,42 @@ def test_feathered_paste_has_smaller_seam_than_hard_paste():
     s_hard, s_soft = seam_score(hard, gt, boundary)["seam"], seam_score(soft, gt, boundary)["seam"]
     assert s_hard > 2 * s_soft
     assert seam_score(gt, gt, boundary)["seam"] == 0.0
+
+
+@pytest.mark.slow
+def test_blend_node_through_the_comfy_stand_in(tiny, tmp_path_factory):
+    """nodes/blend_node.py executed like the other nodes, inside the pack loaded by the ComfyUI stand-in."""
+    import importlib
+    import os
+    import sys
+    from pathlib import Path
+
+    stub = str(Path(__file__).parent / "comfy_stub")
+    sys.path.insert(0, stub)
+    import harness
+
+    sys.path.remove(stub)
+    models = tmp_path_factory.mktemp("comfy_models")
+    for sub in ("headsup", "checkpoints", "diffusers"):
+        (models / sub).mkdir()
+    os.symlink(tiny["headsup"], models / "headsup" / "headsup.safetensors")
+    os.symlink(tiny["osediff"], models / "headsup" / "osediff.pkl")
+    os.symlink(tiny["base"], models / "diffusers" / "base", target_is_directory=True)
+    os.symlink(tiny["insightface_root"], models / "insightface", target_is_directory=True)
+    pack = harness.load_pack(models)
+    try:
+        node = importlib.import_module(f"{harness.PACK_MODULE}.nodes.blend_node").HeadsUpBlendUpscale
+        schema = node.GET_SCHEMA() if hasattr(node, "GET_SCHEMA") else node.define_schema()
+        assert schema.node_id == "HeadsUpBlendUpscale"
+        general = pack.nodes["HeadsUpLoader"].execute(weights="osediff.pkl", base="diffusers/base", dtype="auto")[0]
+        face = pack.nodes["HeadsUpLoader"].execute(weights="headsup.safetensors", base="diffusers/base",
+                                                   dtype="auto")[0]
+        analysis = pack.nodes["HeadsUpFaceAnalysisLoader"].execute(backend="insightface", pack="tiny",
+                                                                   provider="auto")[0]
+        x = torch.from_numpy(t1_small(160).copy()).float().div(255)[None]
+        out = node.execute(general, face, analysis, x, 2.0, 0, "adain", 24.0)
+        image, mask = out[0], out[1]
+        assert image.shape == (1, x.shape[1] * 2, 320, 3) and mask.shape == (1, x.shape[1] * 2, 320)
+        assert float(mask.max()) > 0.5
+    finally:
+        harness.unload()
