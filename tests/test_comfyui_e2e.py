@@ -96,12 +96,17 @@ def server(tiny, tmp_path_factory):
     os.symlink(tiny["insightface_root"], models / "insightface", target_is_directory=True)
     os.symlink(tiny["facexlib_dir"], models / "facedetection", target_is_directory=True)
     _write_inputs(base / "input")
+    # extra_model_paths.yaml must keep working for our folders: a second headsup folder outside models/.
+    (base / "elsewhere" / "my_headsup").mkdir(parents=True)
+    os.symlink(tiny["headsup"], base / "elsewhere" / "my_headsup" / "extra.safetensors")
+    extra_yaml = base / "extra_model_paths.yaml"
+    extra_yaml.write_text(f"e2e:\n    base_path: {base / 'elsewhere'}\n    headsup: my_headsup\n")
     port = _free_port()
     log_path = base / "server.log"
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     with open(log_path, "w") as log:
         proc = subprocess.Popen([_python(), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                                 "--base-directory", str(base)], cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT,
+                                 "--base-directory", str(base), "--extra-model-paths-config", str(extra_yaml)], cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT,
                                 env=env)
     srv = SimpleNamespace(url=f"http://127.0.0.1:{port}", base=base, proc=proc, log=log_path)
     deadline = time.time() + 300
@@ -186,8 +191,8 @@ def test_object_info_lists_the_nodes_and_fits_the_workflows(server):
     info = _get(server, "/object_info")
     for node_id in NODE_IDS:
         assert info[node_id]["category"] == "HeadsUp"
-    assert info["HeadsUpLoader"]["input"]["required"]["weights"][1]["options"] == ["headsup.safetensors",
-                                                                                   "moved_away.safetensors"]
+    weights = info["HeadsUpLoader"]["input"]["required"]["weights"][1]["options"]
+    assert weights == ["extra.safetensors", "headsup.safetensors", "moved_away.safetensors"]
     for path in sorted(API_DIR.glob("*.json")):
         for node in json.loads(path.read_text()).values():
             spec = info[node["class_type"]]
@@ -195,6 +200,19 @@ def test_object_info_lists_the_nodes_and_fits_the_workflows(server):
             known = order.get("required", []) + order.get("optional", [])
             assert set(node["inputs"]) <= set(known), (path.name, node["class_type"])
             assert set(order.get("required", [])) <= set(node["inputs"]), (path.name, node["class_type"])
+
+
+def test_workflows_are_offered_as_templates(server):
+    templates = _get(server, "/workflow_templates")
+    assert sorted(templates["ComfyUI-HeadsUp"]) == sorted(p.stem for p in (PACK_DIR / "workflows").glob("*.json"))
+    ui = _get(server, "/api/workflow_templates/ComfyUI-HeadsUp/headsup_portrait_x4.json")
+    assert ui["version"] == 0.4 and {n["type"] for n in ui["nodes"]} >= {"HeadsUpLoader", "HeadsUpUpscale"}
+
+
+def test_weights_from_an_extra_model_paths_folder(server):
+    entry = _wait(server, _submit(server, _workflow("headsup_portrait_x4",
+                                                    HeadsUpLoader={"weights": "extra.safetensors"})))
+    assert entry["status"]["status_str"] == "success", entry["status"]
 
 
 def _id_of(api, class_type, title_part=""):
