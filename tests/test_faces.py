@@ -269,3 +269,15 @@ def test_as_references():
         as_references([ref, np.zeros((32, 32, 3), np.uint8)])
     got = as_references(np.zeros((32, 32, 3), np.uint8), StubAnalyzer([face_at(16, 16, 20, embedding=[1, 0])]))
     assert len(got) == 1 and got[0].crop.shape == (512, 512, 3)
+
+
+def test_format_assignments():
+    from headsup_core.faces import format_assignments
+
+    text = format_assignments([
+        {"face_index": 0, "box": [1, 2, 30, 40], "reference_index": 1, "similarity": 0.8123, "selected": True},
+        {"face_index": 1, "box": [50, 2, 80, 40], "reference_index": None, "similarity": None, "selected": True},
+        {"face_index": 2, "box": [90, 2, 120, 40], "reference_index": None, "similarity": None, "selected": False}])
+    assert text.splitlines() == ["face 0 [1, 2, 30, 40]: reference 1 (similarity 0.81)",
+                                 "face 1 [50, 2, 80, 40]: no reference", "face 2 [90, 2, 120, 40]: not selected"]
+    assert format_assignments([]) == "no faces found"

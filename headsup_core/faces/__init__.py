@@ -12,9 +12,10 @@ Heavy dependencies (insightface, onnxruntime, facexlib, torchvision, OpenCV, sci
 when a function needs them.
 """
 from .analyzer import FaceAnalyzer, load_face_analyzer
-from .condition import build_face_condition, match_references
+from .condition import build_face_condition, format_assignments, match_references
 from .reference import as_references, encode_reference
 from .types import DetectedFace, FaceCondition, Reference
 
 __all__ = ["FaceAnalyzer", "DetectedFace", "Reference", "FaceCondition", "load_face_analyzer", "encode_reference",
-           "build_face_condition", "match_references", "as_references"]
+           "build_face_condition", "match_references", "as_references",
+           "format_assignments"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,8 @@ class InsightFaceAnalyzer(FaceAnalyzer):
                                         "such as w600k_r50.onnx or glintr100.onnx); identity references need one.")
             log.warning("insightface pack %s has no recognizer: faces get no identity embedding", self.pack_dir)
         self._check_active_providers(app, providers)
+        _log_licence(self.pack_dir)
+        log.info("insightface pack %s on %s", self.pack_dir, [_provider_name(p) for p in providers])
         app.prepare(ctx_id=0, det_size=tuple(det_size), det_thresh=det_thresh)
         self.app = app
         self.providers = providers
@@ -169,7 +172,10 @@ class InsightFaceAnalyzer(FaceAnalyzer):
         rgb = check_image(image)
         bgr = np.ascontiguousarray(rgb[:, :, ::-1])  # insightface expects OpenCV's BGR order
         faces = []
-        for f in self.app.get(bgr):
+        with warnings.catch_warnings():  # insightface's norm_crop uses a scikit-image API deprecated in 0.26
+            warnings.simplefilter("ignore", FutureWarning)
+            found = self.app.get(bgr)
+        for f in found:
             if f.kps is None:
                 continue
             faces.append(DetectedFace(bbox=np.asarray(f.bbox, np.float32), kps=np.asarray(f.kps, np.float32),
@@ -187,7 +193,20 @@ def embed_with_arcface(rec_model, image: np.ndarray, kps: np.ndarray) -> np.ndar
     from insightface.app.common import Face
 
     face = Face(bbox=None, kps=np.asarray(kps, np.float32), det_score=1.0)
-    return normalise(rec_model.get(np.ascontiguousarray(image[:, :, ::-1]), face))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return normalise(rec_model.get(np.ascontiguousarray(image[:, :, ::-1]), face))
+
+
+def _log_licence(path) -> None:
+    """State the licence of the weights being loaded (insightface packs are non-commercial)."""
+    try:
+        from ..licences import describe_licence
+    except ImportError:  # pragma: no cover - older core
+        return
+    note = describe_licence(str(path))
+    if note:
+        log.warning(note)
 
 
 def load_face_analyzer(backend: str = "insightface", model_root=None, pack=None, providers=None, device=None,

@@ -207,3 +207,19 @@ def _place_reference(canvas, ref: Reference, face: DetectedFace, out_hw, cv2) ->
         patch = torch.from_numpy(warped).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
         view = canvas[0, :, y0:y1, x0:x1]
         view.copy_(torch.where(valid[None], patch, view))
+
+
+def format_assignments(assignments: list[dict]) -> str:
+    """One line per face for logs, the CLI and node outputs: where each reference went."""
+    lines = []
+    for a in assignments:
+        box = ", ".join(f"{v:.0f}" for v in a["box"])
+        if a.get("selected", True) is False:
+            what = "not selected"
+        elif a["reference_index"] is None:
+            what = "no reference"
+        else:
+            sim = "n/a (no identity model)" if a["similarity"] is None else f"{a['similarity']:.2f}"
+            what = f"reference {a['reference_index']} (similarity {sim})"
+        lines.append(f"face {a['face_index']} [{box}]: {what}")
+    return "\n".join(lines) if lines else "no faces found"

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MissingDependencyError, MissingModelError, WeightsError
-from .analyzer import FaceAnalyzer, check_image, embed_with_arcface, normalise, resolve_providers
+from .analyzer import FaceAnalyzer, _log_licence, check_image, embed_with_arcface, normalise, resolve_providers
 from .types import DetectedFace
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,9 @@ class FacexlibAnalyzer(FaceAnalyzer):
             except RuntimeError as err:
                 raise WeightsError(f"{parse_path} does not match facexlib's BiSeNet: {str(err)[:200]}") from None
             self.parser = parser.to(self.device).eval()
+        for path in (det_path, parse_path):
+            if path is not None:
+                _log_licence(path)
         self.rec_model = self._load_recognizer(recognizer, providers, device) if recognizer is not None else None
         self.has_recognizer = self.rec_model is not None
 
