@@ -146,8 +146,8 @@ class HeadsUpFaceAnalysisLoader(io.ComfyNode):
                 io.Combo.Input("pack", options=paths.list_face_packs(),
                                tooltip="insightface: a pack from models/insightface/models/<pack>/ (antelopev2, "
                                        "buffalo_l, ...). facexlib: a 'facexlib/...' RetinaFace detector, read from "
-                                       "models/facedetection (facexlib gives no identity, so references are "
-                                       "placed by face size and position only)."),
+                                       "models/facedetection (facexlib gives no identity: one reference goes "
+                                       "to the largest face; group references need insightface)."),
                 io.Combo.Input("provider", options=PROVIDERS, default="auto",
                                tooltip="Where face analysis runs. auto: the best available. A GPU provider that is "
                                        "not installed is an error, never a silent CPU fallback."),
