@@ -207,3 +207,31 @@ def test_facexlib_tiny_weights_load_and_report_no_face(tiny, tmp_path):
     bad.write_bytes(b"garbage")
     with pytest.raises(WeightsError, match="detection_mobilenet0.25_Final.pth"):
         load_face_analyzer("facexlib", model_root=tmp_path, detector="retinaface_mobile0.25")
+
+
+@pytest.mark.slow
+def test_facexlib_bisenet_parsing_loads_and_shapes_the_mask(tiny, tmp_path):
+    """Random BiSeNet weights in facexlib's format (53 MB, written here, not by make-tiny) through the real
+    loading path; its parsing replaces the template ellipse in the face mask."""
+    pytest.importorskip("facexlib")
+    pytest.importorskip("torchvision")
+    import torch
+    from facexlib.parsing.bisenet import BiSeNet
+
+    from headsup_core.faces import DetectedFace
+
+    shutil.copy(tiny["facexlib_retinaface"], tmp_path / "detection_mobilenet0.25_Final.pth")
+    torch.manual_seed(0)
+    torch.save(BiSeNet(num_class=19).state_dict(), tmp_path / "parsing_bisenet.pth")
+    fx = load_face_analyzer("facexlib", model_root=tmp_path, detector="retinaface_mobile0.25", parsing=True)
+    tom = to_uint8_rgb(load_image(TOM))
+    crop = np.ascontiguousarray(np.repeat(np.repeat(tom, 5, 0), 5, 1)[:512, :512])
+    parsed = fx.parse_mask(crop)
+    assert parsed.shape == (512, 512) and parsed.dtype == np.float32 and set(np.unique(parsed)) <= {0.0, 1.0}
+    face = DetectedFace(bbox=np.array([16, 11, 96, 110], np.float32), kps=ARCFACE_112.copy(), det_score=1.0)
+    with_parsing = build_face_condition(tom, (224, 224), fx, faces=[face])
+    plain = build_face_condition(tom, (224, 224), None, faces=[face])
+    assert with_parsing.assignments[0]["box"] == plain.assignments[0]["box"]
+    assert not np.allclose(with_parsing.mask.numpy(), plain.mask.numpy())
+    x1, y1, x2, y2 = (int(v) for v in with_parsing.assignments[0]["box"])
+    assert float(with_parsing.mask[0, 0, y1 + 2:y2 - 2, x1 + 2:x2 - 2].min()) > 0.9  # the box is always covered
