@@ -10,7 +10,7 @@ import os
 
 import folder_paths
 
-from headsup_core.errors import MissingModelError  # noqa: F401  (re-exported for the node modules)
+from headsup_core.errors import MissingModelError
 
 WEIGHT_EXTENSIONS = {".safetensors", ".pkl"}
 DIFFUSERS_PREFIX = "diffusers/"

@@ -104,10 +104,10 @@ class HeadsUpUpscale(io.ComfyNode):
                 break
             except mm.OOM_EXCEPTION:
                 mm.soft_empty_cache(True)
-                tile = (tile or DEFAULT_TILE) // 2
+                tried, tile = tile or DEFAULT_TILE, (tile or DEFAULT_TILE) // 2
                 if tile < MIN_TILE:
-                    raise HeadsUpError("HeadsUp ran out of memory even with 64-pixel tiles; free memory (close "
-                                       "other models) or use a smaller image.") from None
+                    raise HeadsUpError(f"HeadsUp ran out of memory even with {tried}-pixel tiles; free memory "
+                                       "(close other models) or use a smaller image.") from None
                 log.warning("HeadsUp: out of memory, retrying with tile_size=%d", tile)
             except InterruptedByUser:
                 raise mm.InterruptProcessingException() from None
@@ -117,8 +117,9 @@ class HeadsUpUpscale(io.ComfyNode):
         if mask is None:
             mask = torch.zeros(out.shape[0], 1, out.shape[1], out.shape[2])
         mask = mask.to(device=device, dtype=torch.float32).squeeze(1)
-        for i, faces in enumerate(info.get("assignments") or []):
-            for a in faces or []:
-                log.info("HeadsUp image %d: face %s -> reference %s (similarity %s)", i, a.get("box"),
-                         a.get("reference_index"), a.get("similarity"))
+        if analyzer is not None:
+            from headsup_core.faces import format_assignments
+
+            for i, faces in enumerate(info.get("assignments") or []):
+                log.info("HeadsUp image %d:\n%s", i, format_assignments(faces))
         return io.NodeOutput(out.to(device), mask)
