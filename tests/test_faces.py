@@ -205,6 +205,12 @@ def test_match_is_one_to_one_and_best_first():
 
 def test_match_without_identity():
     assert match_references([None, None], [np.ones(4)], 0.3) == [(0, None), (None, None)]
+    assert match_references([None, None], [np.ones(4)], 0.3, face_areas=[10.0, 99.0]) == [(None, None), (0, None)]
+    # Through build_face_condition: the larger face (on the right) gets the single reference.
+    faces = [face_at(40, 60, 50), face_at(150, 60, 90)]
+    cond = build_face_condition(np.zeros((128, 200, 3), np.uint8), (128, 200), StubAnalyzer(faces),
+                                references=make_reference(None))
+    assert [a["reference_index"] for a in cond.assignments] == [None, 0]
     with pytest.raises(FaceError, match="recognizer"):
         match_references([None, None], [np.ones(4), np.ones(4)], 0.3)
 

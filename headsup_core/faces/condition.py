@@ -21,13 +21,14 @@ MASK_MARGIN = 0.10  # the face region is grown by this fraction of the face size
 STRIP_ROWS = 256
 
 
-def match_references(face_embeddings, ref_embeddings, threshold: float = 0.3) -> list[tuple[int | None, float | None]]:
+def match_references(face_embeddings, ref_embeddings, threshold: float = 0.3,
+                     face_areas=None) -> list[tuple[int | None, float | None]]:
     """One-to-one greedy matching by cosine similarity; returns (reference index, similarity) per face.
 
     Pairs are taken in order of decreasing similarity, so every reference goes to the face it matches best
     unless a better-matching reference already took that face; pairs below ``threshold`` are never made.
-    If identity is unavailable (any embedding is None) a single reference goes to the first (largest) face
-    with similarity None; several references then raise ``FaceError``.
+    If identity is unavailable (any embedding is None) a single reference goes to the largest face (by
+    ``face_areas``, else the first) with similarity None; several references then raise ``FaceError``.
     """
     n_faces, n_refs = len(face_embeddings), len(ref_embeddings)
     out: list[tuple[int | None, float | None]] = [(None, None)] * n_faces
@@ -39,7 +40,8 @@ def match_references(face_embeddings, ref_embeddings, threshold: float = 0.3) ->
                             "analyzer has no recognizer; load one with a recognizer (insightface pack) or give one "
                             "reference.")
         log.warning("no identity embeddings: the reference goes to the largest face without an identity check")
-        out[0] = (0, None)
+        largest = int(np.argmax(face_areas)) if face_areas is not None else 0
+        out[largest] = (0, None)
         return out
     faces = np.stack([np.asarray(e, np.float32) for e in face_embeddings])
     refs = np.stack([np.asarray(e, np.float32) for e in ref_embeddings])
@@ -139,7 +141,8 @@ def build_face_condition(lq_rgb: np.ndarray, out_size, analyzer, references=None
     faces = _sorted_faces(faces)
     selected = set(range(len(faces))) if face_indices is None else {int(i) for i in face_indices}
     chosen = [i for i in range(len(faces)) if i in selected]
-    matches = match_references([faces[i].embedding for i in chosen], [r.embedding for r in refs], match_threshold)
+    matches = match_references([faces[i].embedding for i in chosen], [r.embedding for r in refs], match_threshold,
+                               face_areas=[faces[i].area for i in chosen])
     per_face = {i: m for i, m in zip(chosen, matches)}
     if refs and not faces:
         log.warning("references were given but no face was found in the input; running without them")
