@@ -136,6 +136,12 @@ def test_missing_pack(tmp_path, tiny):
         load_face_analyzer("insightface", model_root=tmp_path, device="cpu")
     # With no pack name, the only pack present is used.
     assert load_face_analyzer("insightface", model_root=tiny["insightface_root"], device="cpu").has_recognizer
+    # The antelopev2 zip's nested layout (antelopev2/antelopev2/*.onnx) is accepted.
+    nested = tmp_path / "models" / "antelopev2" / "antelopev2"
+    shutil.copytree(tiny["insightface_pack"], nested)
+    for pack in ("antelopev2", None):
+        an = load_face_analyzer("insightface", model_root=tmp_path, pack=pack, device="cpu")
+        assert an.pack_dir == nested
 
 
 def test_pack_without_recognizer_or_detector(tmp_path, tiny):

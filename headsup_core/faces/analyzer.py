@@ -105,17 +105,27 @@ def resolve_pack_dir(model_root=None, pack=None) -> Path:
         if not d.is_dir():
             raise MissingModelError(f"insightface model pack '{pack}' not found: expected the folder {d} with its "
                                     ".onnx files (e.g. antelopev2 or buffalo_l unpacked there).")
-        return d
-    found = sorted(p.name for p in models.iterdir() if p.is_dir() and any(p.glob("*.onnx"))) if models.is_dir() else []
+        return _unnest(d)
+    found = sorted(p.name for p in models.iterdir() if p.is_dir() and any(_unnest(p).glob("*.onnx"))) \
+        if models.is_dir() else []
     for name in PREFERRED_PACKS:
         if name in found:
-            return models / name
+            return _unnest(models / name)
     if len(found) == 1:
-        return models / found[0]
+        return _unnest(models / found[0])
     if not found:
         raise MissingModelError(f"No insightface model pack found in {models}; put a pack such as antelopev2 or "
                                 f"buffalo_l there as {models / 'antelopev2'}/*.onnx.")
     raise MissingModelError(f"Several insightface packs in {models} ({', '.join(found)}); choose one with pack=NAME.")
+
+
+def _unnest(pack_dir: Path) -> Path:
+    """The antelopev2 zip unpacks to antelopev2/antelopev2/*.onnx; accept that layout too."""
+    inner = pack_dir / pack_dir.name
+    if not any(pack_dir.glob("*.onnx")) and inner.is_dir() and any(inner.glob("*.onnx")):
+        log.info("using the nested pack folder %s", inner)
+        return inner
+    return pack_dir
 
 
 class InsightFaceAnalyzer(FaceAnalyzer):
