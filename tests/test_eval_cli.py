@@ -87,3 +87,16 @@ def test_manifest_pairs_and_split(tmp_path):
     samples, notes = load_samples(manifest=tmp_path / "m.jsonl", scale=4)
     assert samples[0].gt.shape[0] == samples[0].lq.shape[0] * 4
     assert samples[0].references == [str(tmp_path / "b.png")]
+
+
+def test_missing_face_models_skip_face_metrics_with_a_note(tmp_path):
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    Image.fromarray(t1_small(64)).save(gt / "a.png")
+    out = tmp_path / "out"
+    assert _run(["eval", "--gt", str(gt), "--scale", "2", "--method", "bicubic", "--metrics", "psnr,id_sim",
+                 "--face-models", str(tmp_path / "nowhere"), "--metrics-root", str(tmp_path / "m"),
+                 "-o", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert "face metrics and seam score skipped" in data["notes"]["faces"]
+    assert "id_sim" not in data["rows"][0] and data["rows"][0]["psnr"] > 10

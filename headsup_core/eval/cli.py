@@ -86,13 +86,21 @@ def register(subparsers) -> None:
     cp.set_defaults(func=run_compare_command)
 
 
-def _analyzer(args):
+def _analyzer(args, notes: dict):
+    """The face analyzer; if it cannot load and nothing strictly needs it, face metrics are skipped with a note."""
     if args.faces == "none":
         return None
+    from ..errors import HeadsUpError
     from ..faces import load_face_analyzer
 
-    return load_face_analyzer(args.faces, model_root=args.face_models, pack=args.face_pack,
-                              device=args.device)
+    try:
+        return load_face_analyzer(args.faces, model_root=args.face_models, pack=args.face_pack,
+                                  device=args.device)
+    except HeadsUpError as err:
+        if "blend" in args.method or getattr(args, "reference", False):
+            raise
+        notes["faces"] = f"face analyzer unavailable, face metrics and seam score skipped: {err}"
+        return None
 
 
 def _setup(args, metric_names, samples_kw):
@@ -100,8 +108,8 @@ def _setup(args, metric_names, samples_kw):
     from .runner import build_methods, load_samples
 
     samples, notes = load_samples(scale=args.scale, seed=args.seed, **samples_kw)
-    analyzer = _analyzer(args)
-    if analyzer is None:
+    analyzer = _analyzer(args, notes)
+    if analyzer is None and "faces" not in notes:
         dropped = [m for m in metric_names if m in ("id_sim", "face_psnr", "face_lpips")]
         if dropped:
             notes["faces"] = f"--faces none: skipped {', '.join(dropped)}, the seam score and blend"

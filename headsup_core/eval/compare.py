@@ -68,8 +68,10 @@ def make_tile(img, tile_w: int, tile_h: int, face_box=None, nearest: bool = Fals
     tile.paste(im.resize(size, resample), ((tile_w - size[0]) // 2, (tile_h - size[1]) // 2))
     if face_box is not None:
         x1, y1, x2, y2 = [float(v) for v in face_box]
-        side = max(x2 - x1, y2 - y1) * 1.2
-        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        side = min(max(x2 - x1, y2 - y1) * 1.2, im.width, im.height)
+        # keep the inset's square inside the image (no black borders)
+        cx = min(max((x1 + x2) / 2, side / 2), im.width - side / 2)
+        cy = min(max((y1 + y2) / 2, side / 2), im.height - side / 2)
         box = tuple(int(round(v)) for v in (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2))
         inset_side = max(16, int(min(tile_w, tile_h) * INSET_FRACTION))
         inset = im.crop(box).resize((inset_side, inset_side), resample)
