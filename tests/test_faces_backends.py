@@ -241,3 +241,26 @@ def test_facexlib_bisenet_parsing_loads_and_shapes_the_mask(tiny, tmp_path):
     assert not np.allclose(with_parsing.mask.numpy(), plain.mask.numpy())
     x1, y1, x2, y2 = (int(v) for v in with_parsing.assignments[0]["box"])
     assert float(with_parsing.mask[0, 0, y1 + 2:y2 - 2, x1 + 2:x2 - 2].min()) > 0.9  # the box is always covered
+
+
+def test_facexlib_wrapper_rescales_detections_of_large_images(tiny, monkeypatch):
+    """RetinaFace sees a copy downscaled to 1280 px; boxes and landmarks come back in the caller's pixels."""
+    pytest.importorskip("facexlib")
+    pytest.importorskip("torchvision")
+    fx = load_face_analyzer("facexlib", model_root=tiny["facexlib_dir"], detector="retinaface_mobile0.25",
+                            recognizer=tiny["insightface_rec"], device="cpu")
+    seen = {}
+
+    def fake_detect(bgr, conf_threshold, use_origin_size):
+        seen["shape"] = bgr.shape
+        kps = (ARCFACE_112 * 2 + 100).ravel()
+        return np.concatenate([[[100, 100, 324, 324, 0.97]], kps[None]], axis=1).astype(np.float32)
+
+    monkeypatch.setattr(fx.net, "detect_faces", fake_detect)
+    noise = np.random.default_rng(0).integers(0, 255, (1280, 2560, 3), dtype=np.uint8)  # flat grey embeds to 0
+    faces = fx.detect(noise)
+    assert seen["shape"] == (640, 1280, 3)
+    assert len(faces) == 1 and faces[0].det_score == pytest.approx(0.97)
+    np.testing.assert_allclose(faces[0].bbox, [200, 200, 648, 648])
+    np.testing.assert_allclose(faces[0].kps, (ARCFACE_112 * 2 + 100) * 2, rtol=1e-5)
+    assert faces[0].embedding is not None and np.linalg.norm(faces[0].embedding) == pytest.approx(1.0, abs=1e-5)
