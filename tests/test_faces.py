@@ -287,3 +287,38 @@ def test_format_assignments():
     assert text.splitlines() == ["face 0 [1, 2, 30, 40]: reference 1 (similarity 0.81)",
                                  "face 1 [50, 2, 80, 40]: no reference", "face 2 [90, 2, 120, 40]: not selected"]
     assert format_assignments([]) == "no faces found"
+
+
+def test_encode_reference_batch_tensor_and_identity_check():
+    import torch
+
+    from headsup_core.faces import encode_reference
+
+    class PerImage(StubAnalyzer):
+        """Face embedding depends on the image's mean, so two photos can be 'different people'."""
+
+        def detect(self, image):
+            bright = float(image.mean()) > 100
+            return [face_at(32, 32, 40, embedding=[1, 0] if bright else [0, 1]),
+                    face_at(20, 20, 20, embedding=[0, 1] if bright else [1, 0])]
+
+    batch = torch.rand(2, 64, 64, 3) * 0.2 + 0.6  # ComfyUI IMAGE: two bright photos
+    ref = encode_reference(batch, PerImage([]))
+    assert ref.num_images == 2 and np.allclose(ref.embedding, [1, 0])
+    # The second photo's best match to the identity so far is the small face: it is picked, not the largest.
+    dark = np.full((64, 64, 3), 20, np.uint8)
+    ref2 = encode_reference([np.full((64, 64, 3), 200, np.uint8), dark], PerImage([]))
+    assert np.allclose(ref2.embedding, [1, 0])
+    with pytest.raises(FaceError, match="same person"):
+        encode_reference([np.full((64, 64, 3), 200, np.uint8), dark], _Alternating(), min_similarity=0.5)
+
+
+class _Alternating(StubAnalyzer):
+    """First photo: identity A; second photo: only identity B."""
+
+    def __init__(self):
+        super().__init__([])
+
+    def detect(self, image):
+        self.calls += 1
+        return [face_at(32, 32, 40, embedding=[1, 0] if self.calls == 1 else [0, 1])]
