@@ -255,10 +255,11 @@ def test_missing_weights_file_reaches_the_history(server, weights):
 
 
 def test_reference_without_a_face_reaches_the_history(server):
-    err = _error_of(server, _workflow("headsup_reference_x4", LoadImage={}) | {
-        "2": {"class_type": "LoadImage", "inputs": {"image": "black.png"}, "_meta": {"title": "no face"}}})
+    api = _workflow("headsup_reference_x4")
+    api[_id_of(api, "LoadImage", "Reference")]["inputs"]["image"] = "black.png"
+    err = _error_of(server, api)
     assert err["node_type"] == "HeadsUpReferenceEncoder" and err["exception_type"].endswith("FaceError")
-    assert "face" in err["exception_message"].lower()
+    assert "no face found in reference" in err["exception_message"].lower()
     assert server.proc.poll() is None and _get(server, "/system_stats")
 
 

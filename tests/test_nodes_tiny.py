@@ -96,6 +96,16 @@ def test_upscale_portrait_without_faces(pack, model):
     assert pack.utils.UPDATES and pack.utils.UPDATES[-1][0] == pack.utils.UPDATES[-1][1]
 
 
+def test_batch_equals_images_one_at_a_time(pack, model, faces):
+    lq = torch.cat([_as_image(_photo("t1.jpg"), (40, 28)), _as_image(_photo("t1.jpg").transpose(0), (40, 28))])
+    run = pack.nodes["HeadsUpUpscale"].execute
+    both, masks = run(model=model, image=lq, scale=2.0, tile_size=0, color_fix="adain", face_analysis=faces).result
+    for i in range(2):
+        one, mask = run(model=model, image=lq[i:i + 1], scale=2.0, tile_size=0, color_fix="adain",
+                        face_analysis=faces).result
+        assert torch.allclose(both[i:i + 1], one, atol=1e-5) and torch.allclose(masks[i:i + 1], mask, atol=1e-5)
+
+
 def test_reference_encoder_and_upscale_with_reference(pack, model, faces):
     tom = _as_image(_photo("Tom_Hanks_54745.png"))
     ref, preview = pack.nodes["HeadsUpReferenceEncoder"].execute(image=tom, face_analysis=faces).result
