@@ -5,9 +5,9 @@ import pytest
 cv2 = pytest.importorskip("cv2")
 pytest.importorskip("skimage")
 
-from headsup_core.errors import FaceError  # noqa: E402
-from headsup_core.faces import DetectedFace, Reference, build_face_condition, match_references  # noqa: E402
-from headsup_core.faces.align import FFHQ_512, align_face, apply, estimate_similarity, template  # noqa: E402
+from headsup_core.errors import FaceError
+from headsup_core.faces import DetectedFace, Reference, build_face_condition, match_references
+from headsup_core.faces.align import FFHQ_512, align_face, apply, estimate_similarity, template
 
 
 def similarity(scale, angle_deg, tx, ty):

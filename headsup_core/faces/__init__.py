@@ -16,6 +16,5 @@ from .condition import build_face_condition, format_assignments, match_reference
 from .reference import as_references, encode_reference
 from .types import DetectedFace, FaceCondition, Reference
 
-__all__ = ["FaceAnalyzer", "DetectedFace", "Reference", "FaceCondition", "load_face_analyzer", "encode_reference",
-           "build_face_condition", "match_references", "as_references",
-           "format_assignments"]
+__all__ = ["DetectedFace", "FaceAnalyzer", "FaceCondition", "Reference", "as_references", "build_face_condition",
+           "encode_reference", "format_assignments", "load_face_analyzer", "match_references"]

@@ -72,7 +72,7 @@ def resolve_providers(providers=None, device=None) -> list:
         dev = str(device or "").lower()
         if dev.startswith("cpu"):
             providers = ["CPUExecutionProvider"]
-        elif dev.startswith("cuda") or dev.startswith("rocm"):
+        elif dev.startswith(("cuda", "rocm")):
             name = "ROCMExecutionProvider" if dev.startswith("rocm") else "CUDAExecutionProvider"
             dev_id = int(dev.split(":")[1]) if ":" in dev else 0
             providers = [(name, {"device_id": dev_id}), "CPUExecutionProvider"]
@@ -152,13 +152,14 @@ class InsightFaceAnalyzer(FaceAnalyzer):
                                     "model such as det_10g.onnx or scrfd_10g_bnkps.onnx).") from None
         except HeadsUpError:
             raise
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - onnxruntime/protobuf raise many types for a broken file
             raise MissingModelError(f"Cannot load the insightface pack {self.pack_dir}: {err}. Check that its .onnx "
                                     "files are complete.") from None
         if "recognition" not in app.models:
             if require_recognizer:
-                raise MissingModelError(f"The insightface pack {self.pack_dir} has no face recognizer (an ArcFace model "
-                                        "such as w600k_r50.onnx or glintr100.onnx); identity references need one.")
+                raise MissingModelError(f"The insightface pack {self.pack_dir} has no face recognizer (an ArcFace "
+                                        "model such as w600k_r50.onnx or glintr100.onnx); identity references "
+                                        "need one.")
             log.warning("insightface pack %s has no recognizer: faces get no identity embedding", self.pack_dir)
         self._check_active_providers(app, providers)
         _log_licence(self.pack_dir)

@@ -50,11 +50,11 @@ def _load_state(path: Path) -> dict:
 
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - pickle/zip/unpickler errors all mean a bad file
         raise WeightsError(f"Cannot read facexlib weights {path}: {err}. Re-download the file.") from None
     if isinstance(state, dict) and "params" in state and isinstance(state["params"], dict):
         state = state["params"]
-    return {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
+    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def _required_file(folder: Path, name: str, what: str) -> Path:

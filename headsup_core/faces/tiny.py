@@ -49,7 +49,8 @@ def _onnx():
         import onnx
         from onnx import TensorProto, helper, numpy_helper
     except ImportError:
-        raise MissingDependencyError("Writing the tiny face models needs the 'onnx' package: pip install onnx") from None
+        raise MissingDependencyError("Writing the tiny face models needs the 'onnx' package: "
+                                     "pip install onnx") from None
     return onnx, TensorProto, helper, numpy_helper
 
 
@@ -164,7 +165,8 @@ def _recognizer_model(seed: int = 0):
     q, _ = np.linalg.qr(rng.standard_normal((512, feat)))  # orthonormal columns: the projection keeps cosines
     inits = [nh.from_array(q.T.astype(np.float32), "proj")]
     nodes = [
-        helper.make_node("AveragePool", ["input.1"], ["pooled"], name="rec_pool", kernel_shape=[14, 14], strides=[14, 14]),
+        helper.make_node("AveragePool", ["input.1"], ["pooled"], name="rec_pool", kernel_shape=[14, 14],
+                         strides=[14, 14]),
         helper.make_node("Flatten", ["pooled"], ["flat"], name="rec_flat", axis=1),
         helper.make_node("ReduceMean", ["flat"], ["mean"], name="rec_mean", axes=[1], keepdims=1),
         helper.make_node("Sub", ["flat", "mean"], ["centred"], name="rec_centre"),

@@ -21,7 +21,7 @@ class DetectedFace:
         x1, y1, x2, y2 = (float(v) for v in self.bbox)
         return max(0.0, x2 - x1) * max(0.0, y2 - y1)
 
-    def scaled(self, sx: float, sy: float) -> "DetectedFace":
+    def scaled(self, sx: float, sy: float) -> DetectedFace:
         """The same face in an image resized by (sx, sy); points use pixel-centre coordinates."""
         bbox = self.bbox.astype(np.float32) * np.array([sx, sy, sx, sy], np.float32)
         kps = (self.kps.astype(np.float32) + 0.5) * np.array([sx, sy], np.float32) - 0.5
