@@ -271,10 +271,11 @@ def test_as_references():
     assert as_references(None) == [] and as_references(ref) == [ref] and as_references([ref, ref]) == [ref, ref]
     with pytest.raises(FaceError, match="face analyzer"):
         as_references(np.zeros((32, 32, 3), np.uint8), analyzer=None)
-    with pytest.raises(FaceError, match="Mix"):
-        as_references([ref, np.zeros((32, 32, 3), np.uint8)])
-    got = as_references(np.zeros((32, 32, 3), np.uint8), StubAnalyzer([face_at(16, 16, 20, embedding=[1, 0])]))
+    stub = StubAnalyzer([face_at(16, 16, 20, embedding=[1, 0])])
+    got = as_references(np.zeros((32, 32, 3), np.uint8), stub)
     assert len(got) == 1 and got[0].crop.shape == (512, 512, 3)
+    mixed = as_references([ref, np.zeros((32, 32, 3), np.uint8), np.zeros((32, 32, 3), np.uint8)], stub)
+    assert len(mixed) == 3 and mixed[0] is ref and all(r.num_images == 1 for r in mixed)  # one person per photo
 
 
 def test_format_assignments():

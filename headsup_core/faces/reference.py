@@ -112,20 +112,15 @@ def _expand(images) -> list[tuple[object, str]]:
 
 
 def as_references(reference, analyzer=None) -> list[Reference]:
-    """Normalise ``pipe.upscale(reference=...)``: None, a Reference, a list of References, or photos of ONE
-    person (encoded with ``analyzer``) -> a list of References."""
+    """Normalise ``pipe.upscale(reference=...)``: None, a Reference, or a list of References and/or photos ->
+    a list of References. Each photo is one person (as the pipeline and CLI treat them); to merge several photos
+    of one person, call ``encode_reference([photo1, photo2], analyzer)`` and pass the result."""
     if reference is None:
         return []
-    if isinstance(reference, Reference):
-        return [reference]
-    if isinstance(reference, (list, tuple)) and reference and all(isinstance(r, Reference) for r in reference):
-        return list(reference)
-    if isinstance(reference, (list, tuple)) and any(isinstance(r, Reference) for r in reference):
-        raise FaceError("Mix of encoded References and raw images given as references; encode the images with "
-                        "encode_reference() first.")
-    if isinstance(reference, (list, tuple)) and not reference:
-        return []
+    items = list(reference) if isinstance(reference, (list, tuple)) else [reference]
+    if all(isinstance(r, Reference) for r in items):
+        return items
     if analyzer is None:
         raise FaceError("Reference photos need a face analyzer to find and align the face; pass face_analyzer= "
                         "(load_face_analyzer) or choose faces='none' and no reference.")
-    return [encode_reference(reference, analyzer)]
+    return [r if isinstance(r, Reference) else encode_reference([r], analyzer) for r in items]
