@@ -154,6 +154,12 @@ def test_pack_without_recognizer_or_detector(tmp_path, tiny):
         load_face_analyzer("insightface", model_root=tmp_path, pack="det_only", device="cpu")
     with pytest.raises(MissingModelError, match="no face detector"):
         load_face_analyzer("insightface", model_root=tmp_path, pack="rec_only", device="cpu")
+    broken = tmp_path / "models" / "broken"
+    broken.mkdir()
+    shutil.copy(tiny["insightface_rec"], broken / "rec.onnx")
+    (broken / "det.onnx").write_bytes(b"truncated download")
+    with pytest.raises(MissingModelError, match="Cannot load the insightface pack"):
+        load_face_analyzer("insightface", model_root=tmp_path, pack="broken", device="cpu")
     empty = tmp_path / "models" / "empty"
     empty.mkdir()
     with pytest.raises(MissingModelError, match="no .onnx files"):
