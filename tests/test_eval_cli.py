@@ -100,3 +100,21 @@ def test_missing_face_models_skip_face_metrics_with_a_note(tmp_path):
     data = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert "face metrics and seam score skipped" in data["notes"]["faces"]
     assert "id_sim" not in data["rows"][0] and data["rows"][0]["psnr"] > 10
+
+
+def test_manifest_references_reach_headsup(tiny, tmp_path):
+    from test_eval_util import t1_path as _t1
+
+    import os
+
+    d = os.path.dirname(_t1())
+    shutil.copy(_t1(), tmp_path / "t1.jpg")
+    shutil.copy(os.path.join(d, "Tom_Hanks_54745.png"), tmp_path / "ref.png")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"path": "t1.jpg", "split": "test", "references": ["ref.png"]}))
+    out = tmp_path / "out"
+    assert _run(["eval", "--manifest", str(tmp_path / "m.jsonl"), "--reference", "--max-side", "128",
+                 "--scale", "2", "--method", "headsup", "--base", str(tiny["base"]), "--weights",
+                 str(tiny["headsup"]), "--face-models", str(tiny["insightface_root"]), "--face-pack", "tiny",
+                 "--metrics", "psnr", "--metrics-root", str(tmp_path / "m"), "-o", str(out)]) == 0
+    row = json.loads((out / "results.json").read_text(encoding="utf-8"))["rows"][0]
+    assert isinstance(row["refs_used"], int)  # the reference went through the pipeline's matching

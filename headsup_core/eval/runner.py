@@ -149,16 +149,39 @@ def load_samples(*, gt_dir=None, manifest=None, lq_dir=None, scale: int = 4, see
     return samples, notes
 
 
+def _vm_hwm_mb() -> float | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 class _Peak:
-    """Peak memory during one call: CUDA allocator peak on GPU, else the process's peak RSS (monotonic)."""
+    """Time and peak memory of one call.
+
+    GPU: CUDA's peak allocation. CPU on Linux: the process's peak RSS during the call (the high-water mark is
+    reset through /proc/self/clear_refs first). Elsewhere: the process's peak RSS so far, which only grows.
+    """
 
     def __init__(self, device):
         self.cuda = torch.device(device).type == "cuda" if device is not None else False
 
     def __enter__(self):
+        self.reset = False
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+                    fh.write("5")  # "5" resets the peak RSS (VmHWM) to the current RSS
+                self.reset = _vm_hwm_mb() is not None
+            except OSError:
+                pass
         self.t0 = time.perf_counter()
         return self
 
@@ -166,10 +189,13 @@ class _Peak:
         if self.cuda:
             torch.cuda.synchronize()
             self.mb = torch.cuda.max_memory_allocated() / 2**20
-            self.kind = "cuda_peak_allocated"
+            self.kind = "CUDA peak allocated memory during each call"
+        elif self.reset:
+            self.mb = _vm_hwm_mb()
+            self.kind = "process peak RSS during each call (CPU; includes the loaded models)"
         else:
             self.mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-            self.kind = "process_peak_rss"
+            self.kind = "process peak RSS so far (CPU; only grows, so later methods inherit earlier peaks)"
         self.seconds = time.perf_counter() - self.t0
         return False
 
@@ -225,6 +251,7 @@ def run_eval(samples: list[Sample], methods: dict[str, Callable], *, scale: floa
             row: dict[str, Any] = {"image": s.name, "method": name, "seconds": peak.seconds,
                                    "peak_mem_mb": peak.mb}
             notes.setdefault("peak_mem", peak.kind)
+            row.update((_info or {}).get("row", {}))
             if suite is not None:
                 if s.gt is not None:
                     row.update(suite.full_reference(_to_tensor(sr), _to_tensor(s.gt)))
@@ -357,7 +384,11 @@ def build_methods(names, *, base=None, weights=None, osediff_weights=None, face_
                     from ..imageio import load_image
 
                     refs = [load_image(r) for r in s.references]
-                return p.upscale(s.lq, scale=scale, reference=refs, face_analyzer=analyzer, **common), {}
+                out, info = p.upscale(s.lq, scale=scale, reference=refs, face_analyzer=analyzer,
+                                      return_info=True, **common)
+                used = sum(a.get("reference_index") is not None for faces in info.get("assignments") or []
+                           for a in faces or [])
+                return out, {"row": {"refs_used": used}} if refs else {}
             methods[n] = run
         elif n == "blend":
             from .blend import blend_upscale
