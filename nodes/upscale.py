@@ -66,6 +66,13 @@ class HeadsUpUpscale(io.ComfyNode):
                 io.Conditioning.Input("conditioning", optional=True,
                                       tooltip="Optional prompt (e.g. CLIPTextEncode with an SD2.x CLIP). Without "
                                               "it the prompt embedding stored in the weights is used."),
+                # Added after the first inputs: new inputs go at the end, optional, so saved workflows keep working.
+                io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip="Fidelity <-> detail. 1 is the model's full restoration; lower values "
+                                       "stay closer to the input (fewer invented details)."),
+                io.Float.Input("match_threshold", default=0.3, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip="Minimum identity similarity (cosine) for a reference to be placed on a "
+                                       "face. Raise it if a reference lands on the wrong person."),
             ],
             outputs=[
                 io.Image.Output(display_name="image", tooltip="The upscaled image(s)."),
@@ -75,7 +82,7 @@ class HeadsUpUpscale(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, image, scale, tile_size, color_fix, reference=None, face_analysis=None,
-                conditioning=None) -> io.NodeOutput:
+                conditioning=None, strength=1.0, match_threshold=0.3) -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
         from headsup_core.errors import HeadsUpError, InterruptedByUser
@@ -100,7 +107,8 @@ class HeadsUpUpscale(io.ComfyNode):
             try:
                 out, info = pipe.upscale(image, scale=scale, reference=references, tile_size=tile,
                                          color_fix=color_fix, prompt_embeds=embeds, face_analyzer=analyzer,
-                                         progress=progress, return_info=True)
+                                         progress=progress, return_info=True, strength=strength,
+                                         match_threshold=match_threshold)
                 break
             except mm.OOM_EXCEPTION:
                 mm.soft_empty_cache(True)

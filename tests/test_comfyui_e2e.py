@@ -12,6 +12,7 @@ exists, else this interpreter). It needs ComfyUI's requirements and this pack's 
 import copy
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -103,7 +104,7 @@ def server(tiny, tmp_path_factory):
     extra_yaml.write_text(f"e2e:\n    base_path: {base / 'elsewhere'}\n    headsup: my_headsup\n")
     port = _free_port()
     log_path = base / "server.log"
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
     with open(log_path, "w") as log:
         proc = subprocess.Popen([_python(), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                                  "--base-directory", str(base), "--extra-model-paths-config", str(extra_yaml)], cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT,
@@ -224,6 +225,7 @@ def _id_of(api, class_type, title_part=""):
                                      ("headsup_group_references", "group.png")])
 def test_shipped_workflow_runs(server, name, lq):
     api = _workflow(name)
+    log_start = len(server.log.read_text())
     entry = _wait(server, _submit(server, api))
     assert entry["status"]["status_str"] == "success", entry["status"]
     w, h = INPUT_SIZES[lq]
@@ -233,6 +235,10 @@ def test_shipped_workflow_runs(server, name, lq):
             src = api[node["inputs"]["images"][0]]["class_type"]
             expected = (512, 512) if src == "HeadsUpReferenceEncoder" else (4 * w, 4 * h)  # aligned face / mask
             assert _image_sizes(server, entry, node_id) == [expected], (name, node["_meta"]["title"])
+    if name == "headsup_group_references":  # the console report: each person's reference on its own face
+        report = server.log.read_text()[log_start:]
+        assert re.search(r"face 0 \[.*\]: reference 0 \(similarity", report), report[-2000:]
+        assert re.search(r"face 1 \[.*\]: reference 1 \(similarity", report), report[-2000:]
 
 
 def _error_of(server, api):

@@ -76,8 +76,9 @@ def test_loader_lists_models_from_the_folders(pack):
 def test_upscale_inputs_optional_sockets(pack):
     ins = _inputs(pack, "HeadsUpUpscale")
     assert [i for i in ins] == ["model", "image", "scale", "tile_size", "color_fix", "reference",
-                                "face_analysis", "conditioning"]
-    assert [i for i in ins if ins[i].optional] == ["reference", "face_analysis", "conditioning"]
+                                "face_analysis", "conditioning", "strength", "match_threshold"]
+    assert [i for i in ins if ins[i].optional] == ["reference", "face_analysis", "conditioning", "strength",
+                                                   "match_threshold"]
     assert ins["color_fix"].options == ["adain", "wavelet", "none"] and ins["scale"].default == 4.0
 
 
@@ -125,9 +126,11 @@ class FakePipe:
         self.model, self.calls, self.oom_above, self.tiles = FakeModel(), [], oom_above, tiles
 
     def upscale(self, image, scale=4.0, reference=None, prompt=None, tile_size=None, color_fix="adain", seed=0, *,
-                prompt_embeds=None, face_analyzer=None, progress=None, return_info=False):
+                prompt_embeds=None, face_analyzer=None, progress=None, return_info=False, strength=1.0,
+                match_threshold=0.3):
         self.calls.append(dict(tile_size=tile_size, reference=reference, prompt_embeds=prompt_embeds,
-                               face_analyzer=face_analyzer, color_fix=color_fix))
+                               face_analyzer=face_analyzer, color_fix=color_fix, strength=strength,
+                               match_threshold=match_threshold))
         if self.oom_above is not None and (tile_size or 512) > self.oom_above:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
         for t in range(self.tiles):
@@ -161,6 +164,9 @@ def test_upscale_loads_through_memory_manager_and_reports_progress(pack):
     assert models[0].model.headsup is pipe.model and full is True and memory_required > 0
     assert pack.utils.UPDATES == [(1, 3), (2, 3), (3, 3)]
     assert pipe.calls[0]["tile_size"] is None  # 0 in the widget means "let the pipeline choose"
+    assert pipe.calls[0]["strength"] == 1.0 and pipe.calls[0]["match_threshold"] == 0.3  # optional widgets
+    _run_upscale(pack, pipe, strength=0.5, match_threshold=0.6)
+    assert pipe.calls[-1]["strength"] == 0.5 and pipe.calls[-1]["match_threshold"] == 0.6
 
 
 def test_upscale_halves_tile_on_oom(pack):
