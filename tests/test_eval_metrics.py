@@ -114,3 +114,16 @@ def test_face_metrics_identical_and_degraded(tmp_path):
     noisy = np.clip(gt.astype(np.int16) + np.random.default_rng(0).integers(-20, 21, gt.shape), 0, 255)
     worse, _ = face_metrics(noisy.astype(np.uint8), gt, analyzer)
     assert worse["face_psnr"] < 35
+
+
+class _NotATensor:
+    pass
+
+
+def test_metric_file_with_pickled_objects_is_refused(tmp_path, no_network):
+    """pyiqa asks for weights_only=False; inside our context every metric file is loaded weights_only=True."""
+    (tmp_path / "pyiqa").mkdir()
+    torch.save({"params": _NotATensor()}, tmp_path / "pyiqa" / "musiq_koniq_ckpt-e95806b9.pth")
+    suite = MetricSuite(("musiq",), weights_root=tmp_path)
+    assert suite.available == []
+    assert "weights_only=True" in suite.notes["musiq"]

@@ -146,6 +146,9 @@ def _why(err: BaseException, root: Path | None = None) -> str:
             return (f"backbone weights from the Hugging Face Hub (timm/transformers) are missing from "
                     f"{(root or Path('<metrics root>')) / 'huggingface' / 'hub'} and cannot be downloaded offline")
         cur = cur.__cause__ or cur.__context__
+    if type(err).__name__ == "UnpicklingError" or "weights_only" in str(err):
+        return ("a weights file is not a plain tensor checkpoint and was not unpickled (weights are loaded with "
+                "torch.load(weights_only=True) only); use a state-dict copy of it")
     if isinstance(err, ModuleNotFoundError):
         return f"needs the Python module '{err.name}', which is not installed"
     text = str(err).strip().splitlines()
