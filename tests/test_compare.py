@@ -1,6 +1,4 @@
 """Comparison pictures: the grid has the promised size; `headsup compare` writes it from the tiny models."""
-import argparse
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -33,17 +31,15 @@ def test_compare_cli_on_tiny_models(tmp_path, request, tmp_path_factory):
         from headsup_core.tiny import make_tiny
 
         tiny = make_tiny(tmp_path_factory.mktemp("tiny"))
-    from headsup_core.eval import cli
+    from headsup_core.cli import main  # the real `headsup` entry point, which registers eval/compare
 
-    parser = argparse.ArgumentParser()
-    cli.register(parser.add_subparsers())
     out = tmp_path / "cmp.png"
-    args = parser.parse_args([
+    rc = main([
         "compare", t1_path(), "--max-side", "128", "--scale", "2", "--method", "bicubic,blend,headsup",
         "--base", str(tiny["base"]), "--weights", str(tiny["headsup"]), "--osediff-weights", str(tiny["osediff"]),
         "--face-models", str(tiny["insightface_root"]), "--face-pack", "tiny", "--metrics", "psnr,ssim",
         "--metrics-root", str(tmp_path / "metrics"), "--tile-width", "160", "-o", str(out)])
-    assert args.func(args) == 0
+    assert rc == 0
     # columns: LQ, bicubic, blend, headsup, GT; GT 128 x 88 (shrunk t1.jpg, cropped to even)
     expected = grid_size(5, 1, 160, round(160 * 88 / 128))
     with Image.open(out) as im:
