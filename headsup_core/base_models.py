@@ -89,6 +89,8 @@ def identify_architecture(sd: dict[str, torch.Tensor]) -> str:
     if any(k.startswith("conditioner.embedders.") for k in keys) or f"{LDM_UNET}label_emb.0.0.weight" in sd:
         return "sdxl"
     proj_in = sd.get(f"{LDM_UNET}input_blocks.1.1.proj_in.weight")
+    if proj_in is None:  # small variants put their first attention deeper
+        proj_in = next((v for k, v in sd.items() if k.startswith(LDM_UNET) and k.endswith(".proj_in.weight")), None)
     if proj_in is not None:
         return "sd2" if proj_in.ndim == 2 else "sd1"
     if f"{LDM_UNET}input_blocks.0.0.weight" in sd:
