@@ -191,7 +191,8 @@ def test_real_tiny_insightface_pack(tmp_path):
     opts = BuildOptions(min_size=(200, 200), aspect=(0.4, 2.5), min_eye_distance=40, quality_metric="none",
                         test_fraction=0.5, seed=0)
     s = build_dataset([d], tmp_path / "out", opts, analyzer=an, progress=False)
-    recs = {Path(r["path"]).name: r for r in map(json.loads, (tmp_path / "out" / "manifest.jsonl").read_text().splitlines())}
+    lines = (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()
+    recs = {Path(r["path"]).name: r for r in map(json.loads, lines)}
     assert len(recs["tom_and_other.png"]["faces"]) == 2 and s["kept"] == 3
     assert recs["tom.png"]["split"] == recs["tom_and_other.png"]["split"]  # same person -> same side
     pairs = [json.loads(line) for line in (tmp_path / "out" / "pairs.jsonl").read_text().splitlines()]

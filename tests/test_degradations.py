@@ -86,3 +86,10 @@ def test_each_stage_changes_the_image():
                 assert cur.shape[-1] < prev.shape[-1], name  # 'down' resize
             prev = cur
         assert set(st) >= {"final_sinc", "jpeg2"}
+
+
+def test_tiny_gt_survives_strong_downscale():
+    # 0.15x first resize of a 32 px crop leaves 4 px, smaller than the 21-tap kernel's padding
+    cfg = load_degradation_config(resize_prob=[0, 1, 0], resize_range=[0.15, 0.16], second_blur_prob=1.0)
+    lq = RealESRGANDegradation(cfg)(_gt(h=32, w=32), seed=0)
+    assert lq.shape == (2, 3, 8, 8) and torch.isfinite(lq).all()

@@ -37,7 +37,8 @@ def load_degradation_config(path: str | Path | None = None, **overrides: Any) ->
         user = yaml.safe_load(p.read_text()) or {}
         unknown = set(user) - set(cfg)
         if unknown:
-            raise HeadsUpError(f"Unknown degradation option(s) {sorted(unknown)} in {p}; see configs/degradations.yaml.")
+            raise HeadsUpError(f"Unknown degradation option(s) {sorted(unknown)} in {p}; "
+                               "see configs/degradations.yaml.")
         cfg.update(user)
     cfg.update(overrides)
     return cfg
@@ -153,8 +154,13 @@ def _kornia():
 
 
 def filter2d(img: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-    """Per-sample 2D filtering with reflect padding (Real-ESRGAN's ``filter2D``)."""
-    return _kornia().filters.filter2d(img, kernels.to(img), border_type="reflect")
+    """Per-sample 2D filtering with reflect padding (Real-ESRGAN's ``filter2D``).
+
+    Reflect padding needs the image to be larger than half the kernel; tiny intermediate images (small GT crops
+    after a strong first downscale) fall back to replicate padding instead of failing.
+    """
+    border = "reflect" if min(img.shape[-2:]) > kernels.shape[-1] // 2 else "replicate"
+    return _kornia().filters.filter2d(img, kernels.to(img), border_type=border)
 
 
 def add_gaussian_noise(img, g, dg, sigma_range, gray_prob):

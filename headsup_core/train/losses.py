@@ -203,8 +203,10 @@ class FaceLosses(nn.Module):
 
 
 def discriminator_loss(disc: PatchDiscriminator, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """Non-saturating logistic GAN loss for the face discriminator."""
-    return F.softplus(disc(fake)).mean() + F.softplus(-disc(real)).mean()
+    """Non-saturating logistic GAN loss for the face discriminator (one forward, so DDP sees a single call)."""
+    logits = disc(torch.cat([fake, real]))
+    lf, lr = logits.split([fake.shape[0], real.shape[0]])
+    return F.softplus(lf).mean() + F.softplus(-lr).mean()
 
 
 def image_losses(sr: torch.Tensor, gt: torch.Tensor, lpips_loss: LPIPSLoss | None, w_mse=1.0, w_lpips=2.0):

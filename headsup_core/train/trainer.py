@@ -15,6 +15,7 @@ optimizers, schedulers, RNG, step); data order is a function of (seed, step) (``
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from pathlib import Path
 
@@ -134,8 +135,6 @@ class Trainer:
         self.neg_embeds = self._embed(prompt_pipe, mc["neg_prompt"])
         self.reg = None
         if any(st["losses"]["vsd"] for st in stage_plan(c)):
-            import json
-
             sched_file = Path(c["base"]) / "scheduler" / "scheduler_config.json"  # diffusers-folder bases
             ac = alphas_cumprod_from_config(json.loads(sched_file.read_text())) if sched_file.is_file() else None
             self.reg = VSDRegulariser(unet_4ch, rank=rank_u, prediction_type=base.prediction_type,
@@ -258,14 +257,16 @@ class Trainer:
         model = self.acc.unwrap_model(self.generator).model
         meta = {"prediction_type": self.prediction_type, "trained_steps": self.step, "trainer": "headsup train",
                 "degradation": "realesrgan-second-order", "ref_dropout": self.cfg["data"]["ref_dropout"],
-                "losses": {k: v for k, v in self.cfg["losses"].items() if isinstance(v, (int, float))}}
+                "losses": json.dumps({k: v for k, v in self.cfg["losses"].items() if isinstance(v, (int, float))}),
+                "lora_targets_from": "headsup_core.lora.add_osediff_adapters"}
         if self.acc.is_main_process:
             save_headsup_checkpoint(path, model.unet, model.vae, meta, prompt_embeds=self.prompt_embeds.cpu())
         return path
 
     # ---------------------------------------------------------------- training
-    def make_lq(self, gt: torch.Tensor, step: int, salt: int = 0) -> torch.Tensor:
-        seed = (self.cfg["seed"] * 1_000_003 + step * 7919 + self.acc.process_index * 131 + salt) % 2**62
+    def make_lq(self, gt: torch.Tensor, step: int, salt: int = 0, base_seed: int | None = None) -> torch.Tensor:
+        base = self.cfg["seed"] if base_seed is None else base_seed
+        seed = (base * 1_000_003 + step * 7919 + self.acc.process_index * 131 + salt) % 2**62
         lq = self.degrade(gt, seed=seed)
         return F.interpolate(lq, size=gt.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
 
@@ -332,8 +333,6 @@ class Trainer:
 
     def train(self, max_steps: int | None = None) -> list[dict]:
         """Run (or continue) the stages up to ``max_steps`` total steps; returns the per-step logs."""
-        import json
-
         plan = stage_plan(self.cfg)
         end = sum(st["steps"] for st in plan) if max_steps is None else max_steps
         history = []
@@ -346,7 +345,7 @@ class Trainer:
                 self.progress.step += 1
                 logs.update(step=self.step, stage=stage["name"], lr=self.sched.get_last_lr()[0])
                 history.append(logs)
-                self._periodic(logs, logfile, json)
+                self._periodic(logs, logfile)
         if logfile:
             logfile.close()
         if history:
@@ -355,7 +354,7 @@ class Trainer:
         self.acc.end_training()
         return history
 
-    def _periodic(self, logs, logfile, json):
+    def _periodic(self, logs, logfile):
         c, s = self.cfg, self.step
         if logfile:
             logfile.write(json.dumps(logs) + "\n")

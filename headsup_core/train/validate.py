@@ -47,7 +47,7 @@ def evaluate(trainer, items: list[dict], save_to=None) -> dict:
         for i, it in enumerate(items):
             b = collate([it])
             gt = b["gt"].to(dev)
-            lq_up = trainer.make_lq(gt, step=i, salt=99991)  # same degradation every time
+            lq_up = trainer.make_lq(gt, step=i, salt=99991, base_seed=0)  # same LQ for every run and seed
             _, sr = gen(lq_up * 2 - 1, b["canvas"].to(dev), b["mask"].to(dev), b["has_ref"].to(dev),
                         trainer.prompt_embeds)
             sr01 = ((sr.float() + 1) / 2).clamp(0, 1)

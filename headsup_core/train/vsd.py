@@ -1,8 +1,9 @@
 """Variational score distillation (VSD) with a regulariser LoRA UNet, as OSEDiff's ``OSEDiff_reg``.
 
 OSEDiff keeps two extra SD UNets: ``unet_fix`` (frozen pretrained) and ``unet_update`` (the same UNet with
-trainable LoRA). Here one copy serves both: switching the adapter off gives the frozen prediction and the
-enabled ``reg`` adapter gives the updated one (diffusers' ``disable_adapters``/``enable_adapters``) -- the same numbers with one UNet less in memory.
+trainable LoRA). Here one copy serves both: with the adapter switched off (diffusers' ``disable_adapters``) it
+gives the frozen prediction, with the ``reg`` adapter on the updated one -- the same numbers with one UNet less
+in memory.
 
 * ``distribution_matching_loss`` (generator step): t ~ U[20, 980), noise the generator's x0 latent, predict x0
   with both UNets (the frozen one with classifier-free guidance ``cfg``), and pull the latent along
