@@ -36,7 +36,8 @@ def setup(tmp_path_factory):
                         test_fraction=0.0)
     s = build_dataset([src], root / "ds", opts, analyzer=an, progress=False)
     assert s["kept"] == 3 and s["pairs"]["train"] >= 2
-    return {"root": root, "base": paths["base"], "manifest": root / "ds" / "manifest.jsonl"}
+    return {"root": root, "base": paths["base"], "manifest": root / "ds" / "manifest.jsonl",
+            "osediff": paths["osediff"]}
 
 
 def _cfg(setup, out, **over):
@@ -97,6 +98,22 @@ def test_checkpoint_loads_in_pipeline_with_same_output(setup):
     assert theirs.shape == mine.shape
     assert (theirs - mine).abs().max().item() < 2e-4
     assert not torch.allclose(theirs, up.permute(0, 2, 3, 1), atol=1e-2)  # it is a real model output
+
+
+def test_init_from_osediff_weights(setup):
+    from headsup_core.checkpoint import load_weights
+    from headsup_core.train.trainer import Trainer
+
+    tr = Trainer(_cfg(setup, "init", init_weights=str(setup["osediff"])))
+    converted = load_weights(tr.out / "init_from_osediff.safetensors")
+    unet = tr.acc.unwrap_model(tr.generator).model.unet
+    own = dict(unet.named_parameters())
+    lora = [k for k in converted.unet_state if "lora_" in k]
+    assert lora and all(torch.equal(own[k], converted.unet_state[k]) for k in lora)
+    assert torch.equal(unet.conv_in.base_layer.weight, converted.unet_state["conv_in.weight"])
+    assert unet.conv_in.base_layer.weight[:, 4:].abs().max() == 0  # reference/mask channels start at zero
+    vae = dict(tr.acc.unwrap_model(tr.generator).model.vae.named_parameters())
+    assert all(torch.equal(vae[k], v) for k, v in converted.vae_state.items())
 
 
 def test_resume_is_bit_exact(setup):
