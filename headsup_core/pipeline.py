@@ -24,6 +24,9 @@ from .tiling import TilePlan, run_tiled, tile_count
 log = logging.getLogger("headsup")
 MAX_SCALE = 16.0
 MAX_OUTPUT_SIDE = 32768
+# Longer side, in latent units, of the whole-image previews that give tiled VAE stages shared GroupNorm statistics.
+ENCODER_PREVIEW = 64
+DECODER_PREVIEW = 32
 
 
 def check_scale(scale: float) -> float:
@@ -251,7 +254,9 @@ class HeadsUpPipeline:
                 enc = self._guard(lambda t: model.encode(t, generator), model.vae, "reference encoder")
                 ref_latent = run_tiled(enc, canvas, tile=plan.encoder_tile, overlap=plan.encoder_overlap,
                                        in_factor=s, out_factor=1, out_channels=4, compute_device=dev,
-                                       out_device=dev, progress=tick, skip=lambda t: not bool(t.abs().amax() > 0))
+                                       out_device=dev, progress=tick, skip=lambda t: not bool(t.abs().amax() > 0),
+                                       norm_sync=model.vae.encoder, preview_side=ENCODER_PREVIEW,
+                              context=plan.encoder_overlap)
                 ref_latent = ref_latent * (mask_lat > 0)
         elif refs:
             raise InputImageError("A reference was given but no face analyzer; pass face_analyzer (e.g. --faces insightface).")
@@ -260,7 +265,9 @@ class HeadsUpPipeline:
         t1 = time.perf_counter()
         enc = self._guard(lambda t: model.encode(t, generator), model.vae, "encoder")
         lq_latent = run_tiled(enc, padded * 2 - 1, tile=plan.encoder_tile, overlap=plan.encoder_overlap, in_factor=s,
-                              out_factor=1, out_channels=4, compute_device=dev, out_device=dev, progress=tick)
+                              out_factor=1, out_channels=4, compute_device=dev, out_device=dev, progress=tick,
+                              norm_sync=model.vae.encoder, preview_side=ENCODER_PREVIEW,
+                              context=plan.encoder_overlap)
         timing["encode_s"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
@@ -273,7 +280,9 @@ class HeadsUpPipeline:
         t3 = time.perf_counter()
         dec = self._guard(model.decode, model.vae, "decoder")
         y = run_tiled(dec, x0, tile=plan.decoder_tile, overlap=plan.decoder_overlap, in_factor=1, out_factor=s,
-                      out_channels=3, compute_device=dev, out_device=torch.device("cpu"), progress=tick)
+                      out_channels=3, compute_device=dev, out_device=torch.device("cpu"), progress=tick,
+                      norm_sync=model.vae.decoder, preview_side=DECODER_PREVIEW,
+                      context=plan.decoder_overlap)
         timing["decode_s"] = time.perf_counter() - t3
         out = ((y[..., :oh, :ow] + 1) / 2).clamp_(0, 1)
         out = apply_color_fix(out, up.cpu(), color_fix)

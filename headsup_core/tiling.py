@@ -8,6 +8,7 @@ covers the input, the stage runs once on the whole input, which is bit-identical
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -70,11 +71,15 @@ def gaussian_weights(h: int, w: int, device=None, var: float = 0.01) -> torch.Te
 def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, tile: int, overlap: int,
               in_factor: int, out_factor: int, out_channels: int, compute_device: torch.device,
               out_device: torch.device | None = None, progress: ProgressFn | None = None,
-              skip: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
+              skip: Callable[[torch.Tensor], bool] | None = None,
+              norm_sync: torch.nn.Module | None = None, preview_side: int = 32, context: int = 0) -> torch.Tensor:
     """Apply ``fn`` over ``x`` (1xCxHxW, H and W multiples of ``in_factor``) tile by tile and blend.
 
     ``skip(tile_input)`` may return True for tiles whose output is known to be zero (e.g. an empty
-    reference canvas); they are not computed.
+    reference canvas); they are not computed. With ``norm_sync`` (the VAE), GroupNorm statistics come from a
+    preview of the whole input whose longer side is ``preview_side`` latent units (see ``GroupNormSync``).
+    ``context`` extra latent units are read around each tile and cropped from its output, so tile borders do
+    not see zero padding (the VAE's receptive field is wide).
     """
     out_device = out_device or x.device
     h, w = x.shape[-2] // in_factor, x.shape[-1] // in_factor
@@ -88,17 +93,93 @@ def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, ti
             progress()
         return out
     th, tw = min(tile, h), min(tile, w)
+    sync = contextlib.nullcontext()
+    if norm_sync is not None:
+        sync = GroupNormSync(norm_sync)
+        sync.record(fn, preview_of(x, preview_side * in_factor, in_factor).to(compute_device))
+    with sync:
+        return _blend_tiles(fn, x, ys, xs, th, tw, in_factor, out_factor, out_channels, compute_device, out_device,
+                            progress, skip, context)
+
+
+def _blend_tiles(fn, x, ys, xs, th, tw, in_factor, out_factor, out_channels, compute_device, out_device, progress,
+                 skip, context):
+    h, w = x.shape[-2] // in_factor, x.shape[-1] // in_factor
     out = torch.zeros(1, out_channels, h * out_factor, w * out_factor, device=out_device)
     weight_sum = torch.zeros(1, 1, h * out_factor, w * out_factor, device=out_device)
     weights = gaussian_weights(th * out_factor, tw * out_factor, device=out_device)
     for y in ys:
         for x0 in xs:
-            inp = x[..., y * in_factor:(y + th) * in_factor, x0 * in_factor:(x0 + tw) * in_factor]
+            # Read the tile plus up to ``context`` units around it (kept even so UNet/VAE strides still fit).
+            y0, y1 = max(0, y - context), min(h, y + th + context)
+            x1, x2 = max(0, x0 - context), min(w, x0 + tw + context)
+            inp = x[..., y0 * in_factor:y1 * in_factor, x1 * in_factor:x2 * in_factor]
             oy, ox = slice(y * out_factor, (y + th) * out_factor), slice(x0 * out_factor, (x0 + tw) * out_factor)
             if skip is None or not skip(inp):
                 res = fn(inp.to(compute_device)).float().to(out_device)
+                cy, cx = (y - y0) * out_factor, (x0 - x1) * out_factor
+                res = res[..., cy:cy + th * out_factor, cx:cx + tw * out_factor]
                 out[..., oy, ox] += res * weights
             weight_sum[..., oy, ox] += weights
             if progress:
                 progress()
     return out.div_(weight_sum)
+
+
+class GroupNormSync:
+    """Share GroupNorm statistics across VAE tiles (the "fast" mode of the tiled-VAE hook OSEDiff uses).
+
+    Per-tile GroupNorm statistics differ from the whole image's, which shows as colour/brightness steps between
+    tiles. Statistics are recorded once on a small preview of the whole input and reused by every tile, so all
+    tiles are normalised alike. The preview costs one small forward pass.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.norms = [m for m in module.modules() if isinstance(m, torch.nn.GroupNorm)]
+        self.stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def record(self, fn: Callable[[torch.Tensor], torch.Tensor], preview: torch.Tensor) -> None:
+        def hook(module, args):
+            x = args[0].float()
+            g = x.reshape(x.shape[0], module.num_groups, -1)
+            self.stats[id(module)] = (g.mean(-1, keepdim=True), g.var(-1, unbiased=False, keepdim=True))
+
+        handles = [m.register_forward_pre_hook(hook) for m in self.norms]
+        try:
+            fn(preview)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _forward(self, module):
+        mean, var = self.stats[id(module)]
+
+        def forward(x):
+            b = x.shape[0]
+            g = x.float().reshape(b, module.num_groups, -1)
+            g = (g - mean.to(g.device)) / torch.sqrt(var.to(g.device) + module.eps)
+            y = g.reshape(x.shape)
+            if module.affine:
+                shape = (1, -1) + (1,) * (x.ndim - 2)
+                y = y * module.weight.float().reshape(shape) + module.bias.float().reshape(shape)
+            return y.to(x.dtype)
+        return forward
+
+    def __enter__(self):
+        for m in self.norms:
+            if id(m) in self.stats:
+                m.forward = self._forward(m)
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.norms:
+            m.__dict__.pop("forward", None)
+        return False
+
+
+def preview_of(x: torch.Tensor, max_side: int, multiple: int) -> torch.Tensor:
+    """Area-downscale ``x`` so its longer side is about ``max_side`` (a multiple of ``multiple``)."""
+    h, w = x.shape[-2:]
+    f = min(1.0, max_side / max(h, w))
+    ph, pw = max(multiple, round(h * f / multiple) * multiple), max(multiple, round(w * f / multiple) * multiple)
+    return torch.nn.functional.interpolate(x.float(), size=(ph, pw), mode="area") if (ph, pw) != (h, w) else x
