@@ -8,8 +8,9 @@ paths.register_folders()
 from .loaders import HeadsUpFaceAnalysisLoader, HeadsUpLoader  # noqa: E402  (folders must exist first)
 from .reference import HeadsUpReferenceEncoder  # noqa: E402
 from .upscale import HeadsUpUpscale  # noqa: E402
+from .blend_node import HeadsUpBlendUpscale  # noqa: E402
 
-NODES = [HeadsUpLoader, HeadsUpFaceAnalysisLoader, HeadsUpReferenceEncoder, HeadsUpUpscale]
+NODES = [HeadsUpLoader, HeadsUpFaceAnalysisLoader, HeadsUpReferenceEncoder, HeadsUpUpscale, HeadsUpBlendUpscale]
 
 
 class HeadsUpExtension(ComfyExtension):

@@ -29,7 +29,8 @@ from PIL import Image
 COMFYUI = os.environ.get("COMFYUI_PATH")
 PACK_DIR = Path(__file__).resolve().parents[1]
 API_DIR = PACK_DIR / "workflows" / "api"
-NODE_IDS = ("HeadsUpLoader", "HeadsUpFaceAnalysisLoader", "HeadsUpReferenceEncoder", "HeadsUpUpscale")
+NODE_IDS = ("HeadsUpLoader", "HeadsUpFaceAnalysisLoader", "HeadsUpReferenceEncoder", "HeadsUpUpscale",
+            "HeadsUpBlendUpscale")
 INPUT_SIZES = {"portrait.png": (96, 66), "reference.png": (112, 112), "group.png": (112, 56),
                "person_a.png": (112, 112), "person_b.png": (112, 112), "black.png": (64, 64), "big.png": (320, 320)}
 

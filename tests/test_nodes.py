@@ -15,7 +15,8 @@ sys.path.remove(str(Path(__file__).parent / "comfy_stub"))
 
 from headsup_core.errors import HeadsUpError, InputImageError, MissingModelError  # noqa: E402
 
-NODE_IDS = ["HeadsUpLoader", "HeadsUpFaceAnalysisLoader", "HeadsUpReferenceEncoder", "HeadsUpUpscale"]
+NODE_IDS = ["HeadsUpLoader", "HeadsUpFaceAnalysisLoader", "HeadsUpReferenceEncoder", "HeadsUpUpscale",
+            "HeadsUpBlendUpscale"]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def test_root_imports_without_comfyui():
     assert out.stdout.strip() == "ok"
 
 
-def test_entrypoint_lists_four_nodes_with_tooltips(pack):
+def test_entrypoint_lists_all_nodes_with_tooltips(pack):
     assert sorted(pack.nodes) == sorted(NODE_IDS)
     for node_id, cls in pack.nodes.items():
         schema = cls.GET_SCHEMA()
