@@ -52,7 +52,9 @@ class LPIPSLoss(nn.Module):
                 raise MissingModelError(
                     f"LPIPS needs the torchvision {net} weights at {path}; download {_TV_WEIGHTS[net]} there "
                     "or set losses.lpips_backbone in the training config.")
-        self.net = lpips.LPIPS(net=net, pretrained=not random, pnet_rand=True, verbose=False)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)  # a random (test) LPIPS is the same network in every run and seed
+            self.net = lpips.LPIPS(net=net, pretrained=not random, pnet_rand=True, verbose=False)
         if random:
             with torch.no_grad():
                 for p in self.net.lins.parameters():
