@@ -240,7 +240,9 @@ def convert_osediff(pkl_path: str | os.PathLike, out_path: str | os.PathLike, in
     from peft import LoraConfig, inject_adapter_in_model
 
     w = load_osediff(os.fspath(pkl_path))
-    base_w, base_b = w.unet_state["conv_in.base_layer.weight"], w.unet_state["conv_in.base_layer.bias"]
+    base_w = w.unet_state.get("conv_in.base_layer.weight", w.unet_state.get("conv_in.weight"))
+    if base_w is None:
+        raise WeightsError(f"{pkl_path}: state_dict_unet has no conv_in weights; the OSEDiff checkpoint is incomplete.")
 
     class _Holder(torch.nn.Module):
         def __init__(self):
@@ -256,8 +258,8 @@ def convert_osediff(pkl_path: str | os.PathLike, out_path: str | os.PathLike, in
         params = dict(holder.named_parameters())
         for key, value in w.unet_state.items():
             if key.startswith("conv_in."):
-                params[key.replace("conv_in.weight", "conv_in.base_layer.weight")
-                       .replace("conv_in.bias", "conv_in.base_layer.bias")].copy_(value)
+                name = key if key in params else key.replace("conv_in.", "conv_in.base_layer.")
+                params[name].copy_(value)
     if adapters:
         holder.conv_in.set_adapter(adapters)
     weight, bias = _merged_conv_in(holder)

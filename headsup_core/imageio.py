@@ -30,7 +30,7 @@ class ImageBatch:
         return int(self.rgb.shape[-2]), int(self.rgb.shape[-1])
 
 
-def load_image(path: str | os.PathLike) -> "Image.Image":
+def load_image(path: str | os.PathLike):
     """Open an image file fully (so errors surface here, not later) and return a PIL image."""
     from PIL import Image, UnidentifiedImageError
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from . import devices
 from .color import COLOR_FIX_MODES, apply_color_fix
 from .errors import HeadsUpError, InputImageError
-from .imageio import ImageBatch, from_batch, tensor_to_uint8, to_batch
+from .imageio import from_batch, tensor_to_uint8, to_batch
 from .model import HeadsUpModel, assemble_unet_input, mask_to_latent
 from .tiling import TilePlan, run_tiled, tile_count
 
@@ -226,12 +226,19 @@ class HeadsUpPipeline:
             return out
         return run
 
+    @staticmethod
+    def _mark_peak(timing: dict, stage: str, device: torch.device) -> None:
+        """Peak memory of the stage just finished (GPU: allocated, reset per stage; CPU: process peak RSS)."""
+        timing[f"{stage}_peak_mb"] = devices.peak_memory_bytes(device) / 2**20
+        devices.reset_peak_memory(device)
+
     def _upscale_one(self, lq, out_hw, refs, embeds, plan, color_fix, seed, face_analyzer, tick, strength,
                      match_threshold, mask_without_reference):
         model, dev = self.model, self.device
         s = model.vae_scale
         oh, ow = out_hw
         timing: dict[str, float] = {}
+        devices.reset_peak_memory(dev)
         t0 = time.perf_counter()
         up = F.interpolate(lq, size=(oh, ow), mode="bicubic", align_corners=False).clamp_(0, 1)
         multiple = s * 2 ** (len(model.unet.config.block_out_channels) - 1)  # UNet downsamplings need it
@@ -261,6 +268,7 @@ class HeadsUpPipeline:
         elif refs:
             raise InputImageError("A reference was given but no face analyzer; pass face_analyzer (e.g. --faces insightface).")
         timing["faces_s"] = time.perf_counter() - t0
+        self._mark_peak(timing, "faces", dev)
 
         t1 = time.perf_counter()
         enc = self._guard(lambda t: model.encode(t, generator), model.vae, "encoder")
@@ -269,6 +277,7 @@ class HeadsUpPipeline:
                               norm_sync=model.vae.encoder, preview_side=ENCODER_PREVIEW,
                               context=plan.encoder_overlap)
         timing["encode_s"] = time.perf_counter() - t1
+        self._mark_peak(timing, "encode", dev)
 
         t2 = time.perf_counter()
         unet_in = assemble_unet_input(lq_latent, ref_latent, mask_lat, model.in_channels)
@@ -276,6 +285,7 @@ class HeadsUpPipeline:
         x0 = run_tiled(step, unet_in, tile=plan.unet_tile, overlap=plan.unet_overlap, in_factor=1, out_factor=1,
                        out_channels=4, compute_device=dev, out_device=dev, progress=tick)
         timing["unet_s"] = time.perf_counter() - t2
+        self._mark_peak(timing, "unet", dev)
 
         t3 = time.perf_counter()
         dec = self._guard(model.decode, model.vae, "decoder")
@@ -284,6 +294,8 @@ class HeadsUpPipeline:
                       norm_sync=model.vae.decoder, preview_side=DECODER_PREVIEW,
                       context=plan.decoder_overlap)
         timing["decode_s"] = time.perf_counter() - t3
+        self._mark_peak(timing, "decode", dev)
+        log.debug("HeadsUp %dx%d: %s", ow, oh, ", ".join(f"{k}={v:.2f}" for k, v in timing.items()))
         out = ((y[..., :oh, :ow] + 1) / 2).clamp_(0, 1)
         out = apply_color_fix(out, up.cpu(), color_fix)
         return out, face_mask_px, assigned, timing

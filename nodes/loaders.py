@@ -122,12 +122,17 @@ class HeadsUpLoader(io.ComfyNode):
         return io.NodeOutput(handle)
 
 
-def _device_options(choice):
-    """Widget -> load_face_analyzer kwargs. auto follows ComfyUI's device (so --cpu keeps faces on the CPU)."""
+def _device_options(choice, backend="insightface"):
+    """Widget -> load_face_analyzer kwargs. auto follows ComfyUI's device (so --cpu keeps faces on the CPU);
+    on a GPU ComfyUI, insightface takes the best provider onnxruntime has (plain onnxruntime is common there),
+    while an explicit GPU provider that is missing stays an error."""
     import comfy.model_management as mm
 
     if choice == "auto":
-        return dict(device=str(mm.get_torch_device()))
+        device = mm.get_torch_device()
+        if backend == "facexlib" or torch.device(device).type == "cpu":
+            return dict(device=str(device))
+        return dict(device=None)
     return dict(providers=[_ORT_PROVIDERS[choice]], device="cpu" if choice == "CPU" else "cuda")
 
 
@@ -174,7 +179,7 @@ class HeadsUpFaceAnalysisLoader(io.ComfyNode):
                 raise InputImageError(f"facexlib runs in torch and cannot use the {provider} provider; choose "
                                       "auto, CPU, CUDA or ROCm, or use the insightface backend.")
             root, kwargs = paths.facexlib_root(), dict(detector=pack[len(paths.FACEXLIB_PREFIX):])
-        kwargs.update(_device_options(provider))
+        kwargs.update(_device_options(provider, backend))
         key = (backend, root, pack, provider, kwargs.get("device"))
         analyzer = _ANALYZER_CACHE.get(key)
         if analyzer is None:

@@ -13,13 +13,8 @@ STUB = Path(__file__).resolve().parent / "a1111_stub"
 
 
 @pytest.fixture(scope="module")
-def tiny(request, tmp_path_factory):
-    try:
-        return request.getfixturevalue("tiny_models")
-    except pytest.FixtureLookupError:
-        from headsup_core.tiny import make_tiny
-
-        return make_tiny(tmp_path_factory.mktemp("tiny"))
+def tiny(tiny_models):
+    return tiny_models  # built once per session in conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,8 @@ from test_eval_util import t1_path, t1_small  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def tiny(request, tmp_path_factory):
-    try:
-        return request.getfixturevalue("tiny_models")
-    except pytest.FixtureLookupError:  # running without the project's conftest
-        from headsup_core.tiny import make_tiny
-
-        return make_tiny(tmp_path_factory.mktemp("tiny"))
+def tiny(tiny_models):
+    return tiny_models  # built once per session in conftest.py
 
 
 @pytest.fixture(scope="module")

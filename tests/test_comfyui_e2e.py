@@ -9,7 +9,6 @@ error in the history while the server stays up; a long run stops on POST /interr
 COMFYUI_PYTHON selects the interpreter that runs ComfyUI (default: $COMFYUI_PATH/venv/bin/python if it
 exists, else this interpreter). It needs ComfyUI's requirements and this pack's requirements.txt.
 """
-import copy
 import json
 import os
 import re
@@ -74,13 +73,8 @@ def _write_inputs(folder):
 
 
 @pytest.fixture(scope="module")
-def tiny(request, tmp_path_factory):
-    try:
-        return request.getfixturevalue("tiny_models")
-    except pytest.FixtureLookupError:
-        from headsup_core.tiny import make_tiny
-
-        return make_tiny(tmp_path_factory.mktemp("tiny"))
+def tiny(tiny_models):
+    return tiny_models  # built once per session in conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -25,12 +25,7 @@ def test_grid_has_expected_size_and_content(tmp_path):
 def test_compare_cli_on_tiny_models(tmp_path, request, tmp_path_factory):
     pytest.importorskip("insightface")
     pytest.importorskip("pyiqa")
-    try:
-        tiny = request.getfixturevalue("tiny_models")
-    except pytest.FixtureLookupError:
-        from headsup_core.tiny import make_tiny
-
-        tiny = make_tiny(tmp_path_factory.mktemp("tiny"))
+    tiny = request.getfixturevalue("tiny_models")
     from headsup_core.cli import main  # the real `headsup` entry point, which registers eval/compare
 
     out = tmp_path / "cmp.png"

@@ -16,13 +16,8 @@ from test_eval_util import t1_path, t1_small  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def tiny(request, tmp_path_factory):
-    try:
-        return request.getfixturevalue("tiny_models")
-    except pytest.FixtureLookupError:
-        from headsup_core.tiny import make_tiny
-
-        return make_tiny(tmp_path_factory.mktemp("tiny"))
+def tiny(tiny_models):
+    return tiny_models  # built once per session in conftest.py
 
 
 def _run(argv):

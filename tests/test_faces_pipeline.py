@@ -14,13 +14,8 @@ IMAGES = Path(insightface.__file__).parent / "data" / "images"
 
 
 @pytest.fixture(scope="module")
-def tiny_all(request, tmp_path_factory):
-    try:  # the suite-wide fixture when conftest provides it, so the tiny models are built once per session
-        return request.getfixturevalue("tiny_models")
-    except pytest.FixtureLookupError:
-        from headsup_core.tiny import make_tiny
-
-        return make_tiny(tmp_path_factory.mktemp("tiny_all"))
+def tiny_all(tiny_models):
+    return tiny_models  # built once per session in conftest.py
 
 
 @pytest.fixture(scope="module")
