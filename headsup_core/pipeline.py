@@ -271,8 +271,9 @@ class HeadsUpPipeline:
         self._mark_peak(timing, "faces", dev)
 
         t1 = time.perf_counter()
-        enc = self._guard(lambda t: model.encode(t, generator), model.vae, "encoder")
-        lq_latent = run_tiled(enc, padded * 2 - 1, tile=plan.encoder_tile, overlap=plan.encoder_overlap, in_factor=s,
+        # Map to [-1, 1] per tile, so no second full-size copy of the image is made.
+        enc = self._guard(lambda t: model.encode(t * 2 - 1, generator), model.vae, "encoder")
+        lq_latent = run_tiled(enc, padded, tile=plan.encoder_tile, overlap=plan.encoder_overlap, in_factor=s,
                               out_factor=1, out_channels=4, compute_device=dev, out_device=dev, progress=tick,
                               norm_sync=model.vae.encoder, preview_side=ENCODER_PREVIEW,
                               context=plan.encoder_overlap)
