@@ -123,7 +123,7 @@ def load_weights(path: str | os.PathLike) -> LoadedWeights:
     return load_osediff(path)
 
 
-def _load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, path: str) -> None:
+def load_tensors_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, path: str) -> None:
     own = dict(module.named_parameters())
     unknown = [k for k in state if k not in own]
     if unknown:
@@ -135,6 +135,7 @@ def _load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: st
                 raise WeightsError(f"{path}: {what} tensor {key} has shape {tuple(value.shape)} but the base needs "
                                    f"{tuple(own[key].shape)}; the weights belong to a different base model.")
             own[key].copy_(value.to(own[key].dtype))
+    # Every LoRA tensor of the adapters just added must come from the file, or the adapter is half-random.
     absent = [k for k in own if "lora_" in k and k not in state]
     if absent:
         raise WeightsError(f"{path}: {len(absent)} {what} LoRA tensors are missing (e.g. {absent[:2]}).")
@@ -149,8 +150,8 @@ def apply_weights(unet, vae, weights: LoadedWeights, in_channels: int = 9) -> No
     add_adapters(vae, weights.vae_groups, weights.rank_vae, weights.alpha_vae)
     full_conv_in = {k: weights.unet_state[k] for k in ("conv_in.weight", "conv_in.bias") if k in weights.unet_state}
     lora_state = {k: v for k, v in weights.unet_state.items() if k not in full_conv_in}
-    _load_into(unet, lora_state, "UNet", weights.path)
-    _load_into(vae, weights.vae_state, "VAE", weights.path)
+    load_tensors_into(unet, lora_state, "UNet", weights.path)
+    load_tensors_into(vae, weights.vae_state, "VAE", weights.path)
     merge_adapters(unet)
     merge_adapters(vae)
     widen_conv_in(unet, max(in_channels, weights.in_channels))

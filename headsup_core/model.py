@@ -67,7 +67,8 @@ class HeadsUpModel(torch.nn.Module):
 
     @property
     def in_channels(self) -> int:
-        return int(self.unet.conv_in.in_channels)
+        conv = self.unet.conv_in
+        return int(getattr(conv, "base_layer", conv).in_channels)  # a peft-wrapped conv_in during training
 
     @property
     def cross_attention_dim(self) -> int:

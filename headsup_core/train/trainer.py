@@ -155,17 +155,17 @@ class Trainer:
 
     @staticmethod
     def _apply_init(unet, vae, w):
-        from ..checkpoint import _load_into  # core's strict loader (unknown / mis-shaped keys raise WeightsError)
+        from ..checkpoint import load_tensors_into  # core's strict loader (unknown / mis-shaped keys raise WeightsError)
 
         with torch.no_grad():
             lora = {k: v for k, v in w.unet_state.items() if k not in ("conv_in.weight", "conv_in.bias")}
             own = dict(unet.named_parameters())
             for k in [k for k in own if k.startswith("conv_in.lora_")]:
                 lora.setdefault(k, own[k].detach().clone())  # conv_in's own LoRA starts fresh (B = 0)
-            _load_into(unet, lora, "UNet", w.path)
+            load_tensors_into(unet, lora, "UNet", w.path)
             unet.conv_in.base_layer.weight.copy_(w.unet_state["conv_in.weight"])
             unet.conv_in.base_layer.bias.copy_(w.unet_state["conv_in.bias"])
-            _load_into(vae, w.vae_state, "VAE", w.path)
+            load_tensors_into(vae, w.vae_state, "VAE", w.path)
 
     def _embed(self, pipe, text):
         try:
