@@ -1,0 +1,386 @@
+"""Seconds per output megapixel, per-stage times and peak memory of HeadsUpPipeline vs an OSEDiff-style path.
+
+    OMP_NUM_THREADS=2 python bench/pipeline.py --model tiny --sizes 1K,2K,4K
+    OMP_NUM_THREADS=2 python bench/pipeline.py --model sd21 --sizes 512,1024 --repeats 1
+    python bench/pipeline.py --model sd21 --device cuda --dtype bf16 --sizes 1K,2K,4K
+
+Each (model, size, path) runs in a fresh subprocess, so the peak memory is that configuration's own: the
+process's peak RSS on the CPU (it includes the model weights), the peak allocated memory on a GPU.
+
+Paths, on identical weights (same model object, same seed):
+- ``ours``: ``HeadsUpPipeline.upscale`` with the device's default tile plan (or ``--tile-size``);
+- ``ref``: OSEDiff's inference scheme (DESIGN §1 step 7): untiled VAE encode of the whole bicubic-upscaled image,
+  the UNet over latent tiles of 96 overlapping by 32 blended with Gaussian weights, untiled VAE decode.
+When the reference would not fit in memory (untiled VAE at large sizes) it is reported as skipped/OOM.
+
+``sd21`` is the SD2.1-size architecture (configs shipped in headsup_core) with random weights and conv_in
+widened to 9 channels; ``tiny`` is the ``make-tiny`` model. Timings are for the one-step model, no faces.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+NAMED_SIZES = {"1K": (1024, 1024), "2K": (2048, 2048), "4K": (3840, 2160), "FHD": (1920, 1080)}
+SCALE = 4
+RESULT_TAG = "BENCH_RESULT "
+# Rough peak of an untiled VAE pass: a handful of full-resolution activations (128 channels for SD) at once.
+UNTILED_VAE_ACTIVATIONS = 6
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'1K' / '2K' / '4K' / 'FHD', 'N' (NxN) or 'WxH' -> (width, height); sides must be multiples of the scale."""
+    text = text.strip()
+    if text.upper() in NAMED_SIZES:
+        return NAMED_SIZES[text.upper()]
+    parts = text.lower().split("x")
+    try:
+        w, h = (int(parts[0]), int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: use 1K, 2K, 4K, FHD, N or WxH") from None
+    if w <= 0 or h <= 0 or w % SCALE or h % SCALE:
+        raise argparse.ArgumentTypeError(f"size {text!r}: both sides must be positive multiples of {SCALE}")
+    return w, h
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- worker side
+def build_pipeline(model: str, tiny_dir: str | None, device, dtype, seed: int):
+    import torch
+
+    from headsup_core.pipeline import HeadsUpPipeline
+
+    if model == "tiny":
+        return HeadsUpPipeline.from_files(Path(tiny_dir) / "base", Path(tiny_dir) / "headsup.safetensors",
+                                          device=device, dtype=dtype)
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from headsup_core.base_models import CONFIG_DIR, widen_conv_in
+    from headsup_core.model import HeadsUpModel
+
+    cfg = CONFIG_DIR / "sd2"
+    torch.manual_seed(seed)  # identical random weights in every worker process
+    unet = UNet2DConditionModel.from_config(json.loads((cfg / "unet" / "config.json").read_text()))
+    vae = AutoencoderKL.from_config(json.loads((cfg / "vae" / "config.json").read_text()))
+    widen_conv_in(unet, 9)
+    m = HeadsUpModel(vae, unet, "epsilon", 999)
+    m.requires_grad_(False).eval()
+    m.to(device=device, dtype=dtype)
+    return HeadsUpPipeline(m)
+
+
+def _pad(x, multiple: int):
+    import torch.nn.functional as F
+
+    ph, pw = (-x.shape[-2]) % multiple, (-x.shape[-1]) % multiple
+    return F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
+
+
+def _gauss(n: int, var: float = 0.01):
+    import torch
+
+    x = torch.arange(n, dtype=torch.float32)
+    return torch.exp(-((x - (n - 1) / 2) ** 2) / (n * n) / (2 * var))
+
+
+def _starts(length: int, tile: int, overlap: int) -> list[int]:
+    # Step by (tile - overlap) from 0; the last tile is pushed back to end exactly at the border.
+    starts, pos = [], 0
+    while True:
+        if pos + tile >= length:
+            starts.append(length - tile)
+            return starts
+        starts.append(pos)
+        pos += tile - overlap
+
+
+def reference_upscale(model, lq, out_hw, embeds, tile: int = 96, overlap: int = 32, tick=None):
+    """OSEDiff-style inference on ``model``'s weights: untiled encode, tiled UNet, untiled decode. -> (img, timings)"""
+    import torch
+    import torch.nn.functional as F
+
+    from headsup_core import devices
+    from headsup_core.color import apply_color_fix
+    from headsup_core.model import assemble_unet_input
+
+    dev, (oh, ow) = model.device, out_hw
+    t0 = time.perf_counter()
+    up = F.interpolate(lq, size=(oh, ow), mode="bicubic", align_corners=False).clamp_(0, 1)
+    x = _pad(up, model.vae_scale) * 2 - 1  # OSEDiff only needs whole latents
+    z = model.encode(x.to(dev))
+    devices.synchronize(dev)
+    t1 = time.perf_counter()
+    unet_in = assemble_unet_input(z, None, None, model.in_channels)
+    h, w = z.shape[-2:]
+    if h <= tile and w <= tile:
+        x0 = model.predict_x0(unet_in, z, embeds)
+    else:
+        th, tw = min(tile, h), min(tile, w)
+        weight = (_gauss(th)[:, None] * _gauss(tw)[None, :]).to(dev)
+        acc = torch.zeros(1, 4, h, w, device=dev)
+        norm = torch.zeros(1, 1, h, w, device=dev)
+        ys, xs = _starts(h, th, overlap), _starts(w, tw, overlap)
+        for i, y in enumerate(ys):
+            for j, x_ in enumerate(xs):
+                t_in = unet_in[..., y:y + th, x_:x_ + tw]
+                acc[..., y:y + th, x_:x_ + tw] += model.predict_x0(t_in, t_in[:, :4], embeds).float() * weight
+                norm[..., y:y + th, x_:x_ + tw] += weight
+                if tick:
+                    tick(i * len(xs) + j + 1, len(ys) * len(xs))
+        x0 = acc / norm
+    devices.synchronize(dev)
+    t2 = time.perf_counter()
+    y = model.decode(x0).float().cpu()
+    t3 = time.perf_counter()
+    out = apply_color_fix(((y[..., :oh, :ow] + 1) / 2).clamp_(0, 1), up, "adain")
+    return out, {"encode_s": t1 - t0, "unet_s": t2 - t1, "decode_s": t3 - t2}
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _is_oom(exc: BaseException) -> bool:
+    from headsup_core import devices
+
+    text = str(exc).lower()
+    return isinstance(exc, devices.OOM_ERRORS + (MemoryError,)) or "can't allocate memory" in text \
+        or "out of memory" in text
+
+
+def worker(job: dict) -> dict:
+    import numpy as np
+    import torch
+
+    from headsup_core import devices
+
+    dev = devices.pick_device(job["device"])
+    dtype = devices.pick_dtype(job["dtype"], dev)
+    w, h = job["size"]
+    res = {k: job[k] for k in ("model", "path", "size")}
+    res.update(device=str(dev), dtype=str(dtype).replace("torch.", ""), threads=torch.get_num_threads())
+    t = time.perf_counter()
+    pipe = build_pipeline(job["model"], job.get("tiny_dir"), dev, dtype, job["seed"])
+    res["build_s"] = time.perf_counter() - t
+    res["params_m"] = sum(p.numel() for p in pipe.model.parameters()) / 1e6
+    res["rss_after_build_gb"] = _rss_bytes() / 1e9
+    model = pipe.model
+    rng = np.random.default_rng(job["seed"])
+    lq_np = rng.integers(0, 256, (h // SCALE, w // SCALE, 3), dtype=np.uint8)
+    lq = torch.from_numpy(lq_np).permute(2, 0, 1)[None].float() / 255  # 1x3xhxw in 0..1
+
+    if job["path"] == "ref" and dev.type == "cpu":
+        # An untiled SD VAE at a large size can take the whole machine down (no OOM exception on Linux CPU).
+        width = model.vae.config.block_out_channels[0]  # channels at full resolution (128 for SD)
+        est = UNTILED_VAE_ACTIVATIONS * width * h * w * torch.finfo(dtype).bits // 8
+        avail = _available_bytes()
+        limit = job["mem_limit_gb"] * 1e9 if job["mem_limit_gb"] else (avail or 0) - 2e9
+        if est > limit:
+            res["status"] = f"skipped (untiled VAE needs ~{est / 1e9:.0f} GB, limit {limit / 1e9:.0f} GB)"
+            return res
+    last = [0.0]
+
+    def progress(done, total):
+        if time.perf_counter() - last[0] > 5 or done == total:
+            last[0] = time.perf_counter()
+            log(f"  {job['model']} {job['path']} {w}x{h}: UNet/VAE tile {done}/{total}")
+
+    def once():
+        devices.synchronize(dev)
+        t0, c0 = time.perf_counter(), time.process_time()
+        if job["path"] == "ours":
+            out, info = pipe.upscale(lq.permute(0, 2, 3, 1), scale=SCALE, tile_size=job["tile_size"], progress=progress,
+                                     return_info=True)
+            timing = dict(info["timings"][0])
+            out = out.permute(0, 3, 1, 2)  # the pipeline returns the kind it was given: BxHxWxC
+        else:
+            with torch.no_grad():
+                out, timing = reference_upscale(model, lq, (h, w), model.default_prompt_embeds, tick=progress)
+        devices.synchronize(dev)
+        timing["total_s"] = time.perf_counter() - t0
+        timing["cpu_s"] = time.process_time() - c0
+        if tuple(out.shape[-2:]) != (h, w):
+            raise RuntimeError(f"{job['path']} returned {tuple(out.shape)}, expected {h}x{w}")
+        timing["finite"] = bool(torch.isfinite(out).all())  # random weights: recorded, not asserted
+        return timing
+
+    runs = []
+    try:
+        for i in range(job["warmup"]):
+            log(f"{job['model']} {job['path']} {w}x{h}: warm-up {i + 1}/{job['warmup']}")
+            once()
+        devices.reset_peak_memory(dev)
+        for i in range(job["repeats"]):
+            log(f"{job['model']} {job['path']} {w}x{h}: run {i + 1}/{job['repeats']}")
+            runs.append(once())
+            log(f"  -> {runs[-1]['total_s']:.2f} s")
+    except Exception as exc:  # noqa: BLE001 - an OOM is a result, anything else is re-raised
+        if not _is_oom(exc):
+            raise
+        res["status"] = "OOM"
+        res["error"] = str(exc).splitlines()[0][:200]
+        devices.empty_cache(dev)
+    res["peak_gb"] = devices.peak_memory_bytes(dev) / 1e9
+    res["peak_kind"] = "CUDA max allocated" if dev.type == "cuda" else "process peak RSS"
+    if runs:
+        res["status"] = "ok"
+        res["runs"] = runs
+        res.update({k: statistics.median(r.get(k, 0.0) for r in runs)
+                    for k in ("total_s", "cpu_s", "encode_s", "unet_s", "decode_s")})
+        res["s_per_mp"] = res["total_s"] / (w * h / 1e6)
+    if job["path"] == "ours":
+        plan = pipe.plan_tiles(job["tile_size"])
+        res["tiles"] = f"enc {plan.encoder_tile}/{plan.encoder_overlap} unet {plan.unet_tile}/{plan.unet_overlap} " \
+                       f"dec {plan.decoder_tile}/{plan.decoder_overlap}"
+    else:
+        res["tiles"] = "enc untiled, unet 96/32, dec untiled"
+    return res
+
+
+# ----------------------------------------------------------------------------------------------- driver side
+def run_worker(job: dict, threads: int | None) -> dict:
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)],
+                          stdout=subprocess.PIPE, stderr=None, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    # Killed (e.g. by the kernel's OOM killer) or crashed: a result row, not a crash of the whole bench.
+    status = "OOM (killed)" if proc.returncode in (-9, 137) else f"failed (exit {proc.returncode})"
+    return {**{k: job[k] for k in ("model", "path", "size")}, "status": status}
+
+
+def _f(v, fmt="{:.2f}") -> str:
+    return fmt.format(v) if isinstance(v, (int, float)) else "-"
+
+
+def format_table(results: list[dict]) -> str:
+    head = ["model", "output", "path", "status", "s/MP", "total s", "encode s", "unet s", "decode s", "cpu s",
+            "peak GB", "ours/ref"]
+    rows = []
+    by_key = {(r["model"], tuple(r["size"]), r["path"]): r for r in results}
+    for r in results:
+        ratio = "-"
+        if r["path"] == "ours":
+            ref = by_key.get((r["model"], tuple(r["size"]), "ref"), {})
+            if r.get("total_s") and ref.get("total_s"):
+                ratio = f"{r['total_s'] / ref['total_s']:.2f}"
+            elif ref:
+                ratio = "ref " + ref.get("status", "?").split(" (")[0]
+        rows.append([r["model"], "x".join(map(str, r["size"])), r["path"], r.get("status", "?").split(" (")[0],
+                     _f(r.get("s_per_mp")), _f(r.get("total_s")), _f(r.get("encode_s")), _f(r.get("unet_s")),
+                     _f(r.get("decode_s")), _f(r.get("cpu_s")), _f(r.get("peak_gb")), ratio])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    notes = sorted({f"{r['path']}: {r['tiles']}" for r in results if r.get("tiles")})
+    notes += [f"{r['model']} {r['path']} {'x'.join(map(str, r['size']))}: {r['status']}" for r in results
+              if r.get("status", "ok") != "ok"]
+    first = next((r for r in results if "device" in r), {})
+    notes.append(f"device {first.get('device', '?')}, dtype {first.get('dtype', '?')}, torch threads "
+                 f"{first.get('threads', '?')}; peak = {first.get('peak_kind', '?')}; times are medians; "
+                 "ours/ref < 1 means ours is faster")
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["tiny", "sd21"], default="tiny",
+                    help="tiny make-tiny model, or the SD2.1-size architecture with random weights (default tiny)")
+    ap.add_argument("--sizes", default="1K,2K,4K",
+                    help="comma-separated output sizes: 1K=1024x1024, 2K=2048x2048, 4K=3840x2160, FHD=1920x1080, "
+                         "N (NxN) or WxH; the input is the output / 4 (default 1K,2K,4K)")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default auto)")
+    ap.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPUs), fp32, fp16, bf16")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per configuration; the median is reported")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="untimed runs first (default: 1, except 0 for sd21 on CPU where one run takes minutes)")
+    ap.add_argument("--tile-size", type=int, default=None, help="our pipeline's tile size in output pixels "
+                    "(default: the pipeline's per-device plan)")
+    ap.add_argument("--paths", default="ours,ref", help="which paths to run: ours, ref or both (default ours,ref)")
+    ap.add_argument("--threads", type=int, default=None, help="OMP/MKL threads for the workers (default: inherit)")
+    ap.add_argument("--mem-limit-gb", type=float, default=None,
+                    help="CPU: skip the untiled reference when its estimate exceeds this (default: available - 2 GB)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="also write all results to this JSON file")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.worker:
+        print(RESULT_TAG + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return 0
+    try:
+        sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    except argparse.ArgumentTypeError as exc:
+        ap.error(str(exc))
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    if not sizes or not paths or any(p not in ("ours", "ref") for p in paths):
+        ap.error("--sizes needs at least one size and --paths only ours and/or ref")
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
+    warmup = args.warmup
+    if warmup is None:
+        from headsup_core.devices import pick_device
+
+        warmup = 0 if args.model == "sd21" and pick_device(args.device).type == "cpu" else 1
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="headsup-bench-") as tmp:
+        tiny_dir = None
+        if args.model == "tiny":
+            from headsup_core.tiny import make_tiny
+
+            log("writing the tiny models")
+            tiny_dir = str(make_tiny(Path(tmp) / "tiny")["root"])
+        total = len(sizes) * len(paths)
+        for i, (w, h) in enumerate(sizes):
+            for j, path in enumerate(paths):
+                log(f"[{i * len(paths) + j + 1}/{total}] {args.model} {path} {w}x{h} (fresh process)")
+                job = {"model": args.model, "path": path, "size": [w, h], "device": args.device,
+                       "dtype": args.dtype, "repeats": args.repeats, "warmup": warmup, "seed": args.seed,
+                       "tile_size": args.tile_size, "tiny_dir": tiny_dir, "mem_limit_gb": args.mem_limit_gb}
+                results.append(run_worker(job, args.threads))
+                r = results[-1]
+                log(f"  {r.get('status')}: total {_f(r.get('total_s'))} s, peak {_f(r.get('peak_gb'))} GB")
+    table = format_table(results)
+    print(f"\nHeadsUp pipeline benchmark ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, model {args.model}, "
+          f"scale x{SCALE}, {os.cpu_count()} CPUs)\n")
+    print(table, flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0 if all(r.get("status", "").startswith(("ok", "skipped", "OOM")) for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
