@@ -293,7 +293,7 @@ class HeadsUpPipeline:
         y = run_tiled(dec, x0, tile=plan.decoder_tile, overlap=plan.decoder_overlap, in_factor=1, out_factor=s,
                       out_channels=3, compute_device=dev, out_device=torch.device("cpu"), progress=tick,
                       norm_sync=model.vae.decoder, preview_side=DECODER_PREVIEW,
-                      context=plan.decoder_overlap)
+                      context=plan.decoder_overlap // 2)
         timing["decode_s"] = time.perf_counter() - t3
         self._mark_peak(timing, "decode", dev)
         log.debug("HeadsUp %dx%d: %s", ow, oh, ", ".join(f"{k}={v:.2f}" for k, v in timing.items()))
