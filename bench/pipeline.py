@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -243,7 +242,7 @@ def worker(job: dict) -> dict:
             log(f"{job['model']} {job['path']} {w}x{h}: run {i + 1}/{job['repeats']}")
             runs.append(once())
             log(f"  -> {runs[-1]['total_s']:.2f} s")
-    except Exception as exc:  # noqa: BLE001 - an OOM is a result, anything else is re-raised
+    except Exception as exc:  # an OOM is a result row; anything else is re-raised
         if not _is_oom(exc):
             raise
         res["status"] = "OOM"
@@ -272,7 +271,7 @@ def run_worker(job: dict, threads: int | None) -> dict:
     if threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)],
-                          stdout=subprocess.PIPE, stderr=None, text=True, env=env)
+                          stdout=subprocess.PIPE, stderr=None, text=True, env=env, check=False)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG):])

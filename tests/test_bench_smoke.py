@@ -1,0 +1,73 @@
+"""bench/pipeline.py runs end to end on the tiny model and prints its table (no timing assertions)."""
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "pipeline.py"
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_pipeline", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(*args, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=BENCH.parents[1], check=False)
+
+
+def test_help_lists_the_options():
+    proc = _run("--help", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for opt in ("--sizes", "--model", "--device", "--dtype", "--repeats"):
+        assert opt in proc.stdout
+
+
+def test_bad_size_is_refused():
+    proc = _run("--sizes", "1000x7", timeout=120)
+    assert proc.returncode == 2 and "multiples of 4" in proc.stderr
+
+
+def test_reference_tiles_cover_the_latent_like_osediff():
+    mod = _bench_module()
+    assert mod._starts(128, 96, 32) == [0, 32]
+    starts = mod._starts(270, 96, 32)  # 4K output: 270 latent rows
+    assert starts[0] == 0 and starts[-1] + 96 == 270
+    assert all(b - a <= 64 for a, b in itertools.pairwise(starts))  # overlap never below 32
+    assert mod.parse_size("4K") == (3840, 2160) and mod.parse_size("512") == (512, 512)
+
+
+def test_tiny_bench_prints_the_table(tmp_path):
+    out_json = tmp_path / "bench.json"
+    proc = _run("--model", "tiny", "--sizes", "256", "--repeats", "1", "--warmup", "0", "--device", "cpu",
+                "--json", str(out_json))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| model | output | path | status | s/MP |" in proc.stdout
+    ours = re.search(r"^\| tiny \| 256x256 \| ours \| ok \| ([0-9.]+) \|.*\| ([0-9.]+) \|$", proc.stdout, re.MULTILINE)
+    ref = re.search(r"^\| tiny \| 256x256 \| ref \| ok \| ([0-9.]+) \|", proc.stdout, re.MULTILINE)
+    assert ours and ref, proc.stdout
+    assert float(ours.group(2)) > 0  # the measured ours/ref ratio
+    import json
+
+    rows = json.loads(out_json.read_text())
+    assert {r["path"] for r in rows} == {"ours", "ref"}
+    for r in rows:
+        assert r["status"] == "ok" and r["peak_gb"] > 0 and r["runs"][0]["finite"]
+        assert {"encode_s", "unet_s", "decode_s"} <= set(r)
+
+
+def test_untiled_reference_is_skipped_not_run_when_it_would_not_fit(tmp_path):
+    out_json = tmp_path / "bench.json"
+    proc = _run("--model", "tiny", "--sizes", "256", "--repeats", "1", "--warmup", "0", "--device", "cpu",
+                "--paths", "ref", "--mem-limit-gb", "0.001", "--json", str(out_json))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| tiny | 256x256 | ref | skipped |" in proc.stdout
