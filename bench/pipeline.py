@@ -146,6 +146,19 @@ def reference_upscale(model, lq, out_hw, embeds, tile: int = 96, overlap: int = 
     return out, {"encode_s": t1 - t0, "unet_s": t2 - t1, "decode_s": t3 - t2}
 
 
+def _code_version() -> str:
+    """The commit the measured code came from, '+dirty' when headsup_core has uncommitted edits."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True, timeout=20).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "headsup_core"], cwd=root,
+                               capture_output=True, text=True, check=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def _rss_bytes() -> int:
     try:
         with open("/proc/self/status", encoding="ascii") as fh:
@@ -186,7 +199,8 @@ def worker(job: dict) -> dict:
     dtype = devices.pick_dtype(job["dtype"], dev)
     w, h = job["size"]
     res = {k: job[k] for k in ("model", "path", "size")}
-    res.update(device=str(dev), dtype=str(dtype).replace("torch.", ""), threads=torch.get_num_threads())
+    res.update(device=str(dev), dtype=str(dtype).replace("torch.", ""), threads=torch.get_num_threads(),
+               code=_code_version())
     t = time.perf_counter()
     pipe = build_pipeline(job["model"], job.get("tiny_dir"), dev, dtype, job["seed"])
     res["build_s"] = time.perf_counter() - t
@@ -303,6 +317,7 @@ def format_table(results: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     notes = sorted({f"{r['path']}: {r['tiles']}" for r in results if r.get("tiles")})
+    notes += [f"code: {', '.join(sorted({r['code'] for r in results if r.get('code')}))}"]
     notes += [f"{r['model']} {r['path']} {'x'.join(map(str, r['size']))}: {r['status']}" for r in results
               if r.get("status", "ok") != "ok"]
     first = next((r for r in results if "device" in r), {})
