@@ -62,11 +62,16 @@ def _lora_config(rank: int, targets: list[str], alpha: float | None = None):
 
 def add_adapters(model, groups: dict[str, list[str]], rank: int, alpha: float | None = None) -> None:
     """Add one peft LoRA adapter per group (adapter name -> target module names) and activate them all."""
+    import warnings
+
     names = []
     for adapter_name, targets in groups.items():
         if not targets:
             continue
-        model.add_adapter(_lora_config(rank, targets, alpha), adapter_name=adapter_name)
+        with warnings.catch_warnings():
+            # Several adapters on one model is OSEDiff's layout, not a mistake: silence peft's warning about it.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            model.add_adapter(_lora_config(rank, targets, alpha), adapter_name=adapter_name)
         names.append(adapter_name)
     if names:
         model.set_adapter(names)
