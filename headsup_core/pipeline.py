@@ -215,6 +215,9 @@ class HeadsUpPipeline:
 
     def _guard(self, fn, module, stage: str):
         """Run a stage tile; on NaN/Inf in half precision, retry that tile in fp32 and say so."""
+        if not getattr(self.model, "retry_in_fp32", True):  # a host-managed model (ComfyUI) owns its precision
+            return fn
+
         def run(t):
             out = fn(t)
             if out.dtype != torch.float32 or next(module.parameters()).dtype != torch.float32:
@@ -241,7 +244,8 @@ class HeadsUpPipeline:
         devices.reset_peak_memory(dev)
         t0 = time.perf_counter()
         up = F.interpolate(lq, size=(oh, ow), mode="bicubic", align_corners=False).clamp_(0, 1)
-        multiple = s * 2 ** (len(model.unet.config.block_out_channels) - 1)  # UNet downsamplings need it
+        # UNet downsamplings need it; a model without a diffusers UNet config (the ComfyUI backend) names it.
+        multiple = getattr(model, "pixel_multiple", None) or s * 2 ** (len(model.unet.config.block_out_channels) - 1)
         padded = _pad_to_multiple(up, multiple)
         lh, lw = padded.shape[-2] // s, padded.shape[-1] // s
         generator = torch.Generator(device=dev).manual_seed(int(seed)) if model.sample_latent else None
