@@ -11,6 +11,7 @@ from .errors import HeadsUpError
 log = logging.getLogger("headsup")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32")  # what front ends (ComfyUI widget, CLI) offer
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
