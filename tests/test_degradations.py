@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from headsup_core.errors import HeadsUpError
-from headsup_core.train.degradations import (RealESRGANDegradation, gaussian_kernel, load_degradation_config,
-                                             sinc_kernel)
+from headsup_core.train.degradations import (RealESRGANDegradation, gaussian_kernel, image_seeds, jpeg_roundtrip,
+                                             load_degradation_config, resize_back, sinc_kernel)
 
 
 def _gt(b=2, h=64, w=48, seed=0):
@@ -75,9 +75,10 @@ def test_each_stage_changes_the_image():
                                       second_blur_prob=1.0, final_sinc_prob=1.0, gaussian_noise_prob=gauss,
                                       gaussian_noise_prob2=gauss, jpeg_range=[30, 40], jpeg_range2=[30, 40])
         gt = _gt(h=128, w=128)
-        _, st = RealESRGANDegradation(cfg)(gt, seed=3, return_stages=True)
+        _, stages = RealESRGANDegradation(cfg)(gt, seed=3, return_stages=True)
+        st = {k: v[0] for k, v in stages.items()}  # image 0's stages
         order = ["blur1", "resize1", "noise1", "jpeg1", "blur2", "resize2", "noise2"]
-        prev = gt
+        prev = gt[:1]
         for name in order:
             cur = st[name]
             if cur.shape == prev.shape:
@@ -89,6 +90,48 @@ def test_each_stage_changes_the_image():
         names = list(st)  # the last two stages run in a random order; JPEG keeps the size
         j = names.index("jpeg2")
         assert (st["jpeg2"] - st[names[j - 1]]).abs().mean() > 1e-4
+
+
+def test_random_choices_are_per_image():
+    # identical images in one batch: per-batch choices would give every image the same first-resize size
+    cfg = load_degradation_config(resize_prob=[0.0, 1.0, 0.0], resize_range=[0.2, 1.0])
+    gt = _gt(b=1, h=64, w=64).expand(8, -1, -1, -1).contiguous()
+    _, st = RealESRGANDegradation(cfg)(gt, seed=5, return_stages=True)
+    sizes = {tuple(x.shape[-2:]) for x in st["resize1"]}
+    assert len(sizes) > 3, sizes
+
+
+def test_image_result_does_not_depend_on_batch_mates():
+    deg, a, b, c = RealESRGANDegradation(), _gt(1, seed=1), _gt(1, seed=2), _gt(1, seed=3)
+    x, y = deg(torch.cat([a, b]), seed=11), deg(torch.cat([a, c]), seed=11)
+    assert torch.equal(x[0], y[0]) and not torch.equal(x[1], y[1])
+    one, _ = deg.degrade_one(a, image_seeds(11, 2)[0])
+    assert torch.equal(one[0], x[0])
+
+
+def test_jpeg_is_a_real_codec_round_trip():
+    cv2 = pytest.importorskip("cv2")
+    import numpy as np
+
+    img = _gt(1, h=64, w=64, seed=4)
+    out = jpeg_roundtrip(img, 40)
+    assert torch.allclose(out * 255, (out * 255).round(), atol=1e-4)  # decoded 8-bit pixels
+    u8 = (img[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    ok, enc = cv2.imencode(".jpg", cv2.cvtColor(u8, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 40])
+    ref = cv2.cvtColor(cv2.imdecode(enc, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    ref = torch.from_numpy(ref).permute(2, 0, 1).float()[None] / 255
+    assert (out - ref).abs().mean() < 2 / 255  # another libjpeg build agrees to rounding
+    assert (out - img).abs().mean() > 2 / 255  # and quality 40 really lost detail
+    assert (jpeg_roundtrip(img, 95) - img).abs().mean() < (out - img).abs().mean()
+
+
+def test_resize_back_mode_per_image_and_8bit():
+    lq = _gt(1, h=16, w=16, seed=6).expand(12, -1, -1, -1)
+    up = resize_back(lq, (64, 64), seed=0)
+    assert up.shape == (12, 3, 64, 64)
+    assert torch.allclose(up * 255, (up * 255).round(), atol=1e-4)
+    distinct = {tuple(up[i].flatten()[:64].tolist()) for i in range(12)}
+    assert len(distinct) >= 2  # several resize modes were drawn across the batch
 
 
 def test_tiny_gt_survives_strong_downscale():

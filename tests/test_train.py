@@ -161,3 +161,79 @@ def test_cli_dataset_build_and_train(setup, tmp_path, capsys):
     assert (tmp_path / "run" / "val" / "step_0000002.png").is_file()
     assert main(["train", str(tmp_path / "cfg.yaml"), "--resume", "latest"]) == 0  # already done: no-op
     assert "nothing to do" in capsys.readouterr().out
+
+
+def test_regulariser_gradients_are_clipped(setup):
+    # Adam normalises the step, so only clipping to ~0 can freeze the regulariser's LoRA B (which starts at 0)
+    from headsup_core.train.trainer import Trainer
+
+    moved = {}
+    for clip in (1e-12, 0.0):
+        tr = Trainer(_cfg(setup, f"clip{clip}", max_grad_norm=clip))
+        reg = tr.acc.unwrap_model(tr.reg).unet
+        before = {n: p.detach().clone() for n, p in reg.named_parameters() if "lora_B" in n}
+        tr.train(max_steps=1)
+        moved[clip] = max((p - before[n]).abs().max().item() for n, p in reg.named_parameters() if n in before)
+    assert moved[0.0] > 1e-4 and moved[1e-12] < 1e-6, moved
+
+
+def test_per_image_prompts_from_manifest_tags(setup, tmp_path):
+    from headsup_core.train.data import format_prompt, load_samples
+    from headsup_core.train.trainer import Trainer
+
+    assert format_prompt() == ", ," and format_prompt("a, b") == "a, b, ,"
+    recs = [json.loads(x) for x in Path(setup["manifest"]).read_text().splitlines()]
+    recs[0]["tags"] = ["woman", "smile"]
+    man = tmp_path / "manifest.jsonl"
+    man.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    tags = {s.path: s.tags for s in load_samples(man)}
+    assert tags[recs[0]["path"]] == "woman, smile" and "" in tags.values()
+
+    tr = Trainer(_cfg(setup, "tags"))
+    pipe = tr._prompt_pipe
+    assert torch.allclose(tr.prompt_embeds, pipe.encode_prompt(", ,"))
+    emb = tr.prompt_embeds_for(["woman, smile", ""])
+    assert emb.shape[0] == 2
+    assert torch.allclose(emb[1:], tr.prompt_embeds)
+    assert torch.allclose(emb[:1], pipe.encode_prompt("woman, smile, ,"))
+    assert not torch.allclose(emb[0], emb[1])
+
+
+def _face_sample(tmp_path, size=64):
+    import numpy as np
+
+    from headsup_core.train.data import Sample
+
+    img_dir = Path(resources.files("insightface").joinpath("data/images"))
+    Image.open(img_dir / "Tom_Hanks_54745.png").convert("RGB").resize((size, size), Image.BICUBIC) \
+        .save(tmp_path / "tom.png")
+    arc = np.array([[38.29, 51.70], [73.53, 51.50], [56.03, 71.74], [41.55, 92.37], [70.73, 92.20]]) * size / 112
+    return Sample(str(tmp_path / "tom.png"), [{"bbox": [8.0, 10.0, 58.0, 62.0], "kps": arc.tolist()}])
+
+
+def test_horizontal_flip_mirrors_image_faces_and_mask(tmp_path):
+    from headsup_core.train.data import PortraitCrops
+
+    s = _face_sample(tmp_path)
+    plain = PortraitCrops([s], 64, 4, 0.0, 1.0, 4, flip_prob=0.0)[(0, 3)]
+    flip = PortraitCrops([s], 64, 4, 0.0, 1.0, 4, flip_prob=1.0)[(0, 3)]
+    assert torch.equal(flip["gt"], torch.flip(plain["gt"], [-1]))
+    assert torch.allclose(flip["boxes"][0], torch.tensor([64 - 58.0, 10.0, 64 - 8.0, 62.0]))
+    assert (flip["mask"] - torch.flip(plain["mask"], [-1])).abs().mean() < 0.03
+    assert not torch.equal(flip["mask"], plain["mask"])  # the face is off-centre: the flip moved it
+
+
+def test_self_reference_is_warped_jittered_and_aligned(tmp_path):
+    from headsup_core.train.data import PortraitCrops
+
+    s = _face_sample(tmp_path, 128)
+    ds = PortraitCrops([s], 128, 4, 0.0, 1.0, 4, flip_prob=0.0, self_ref=True)
+    a, b = ds[(0, 1)], ds[(0, 2)]
+    assert a["has_ref"] and b["has_ref"] and not PortraitCrops([s], 128, 4, 1.0, 1.0, 4, self_ref=True)[(0, 1)][
+        "has_ref"]
+    inside = a["mask"][0] > 0.9
+    gt = a["gt"] * 2 - 1
+    err_a = (a["canvas"] - gt).abs()[:, inside].mean()
+    assert err_a < 0.25  # the reference lands on the face (up to warp noise and jitter)
+    assert (a["canvas"] - gt).abs()[:, inside].mean() > 0.01  # but it is not the GT pixels
+    assert not torch.equal(a["canvas"], b["canvas"])  # a new warp/jitter per sample seed

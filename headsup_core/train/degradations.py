@@ -4,10 +4,14 @@ This follows Real-ESRGAN's ``RealESRGANDataset`` (kernel sampling) and ``RealESR
 (the two passes) step by step, without basicsr (whose import of
 ``torchvision.transforms.functional_tensor`` is broken on current torchvision). Filtering and JPEG use kornia.
 
-Everything random is drawn from one seeded ``torch.Generator`` so that a (seed, image) pair always gives
-the same LQ image on the same device. Per-image choices (kernels, noise level, JPEG quality) are per sample;
-per-batch choices (resize scale and mode, noise type, second blur on/off, final order) are per batch,
-as in Real-ESRGAN.
+Every random choice is drawn **per image**, as OSEDiff does (it degrades one image at a time): kernels, resize
+scale and mode, noise type and level, second blur on/off, final order and JPEG quality. Image ``i`` of a batch
+degraded with ``seed`` uses its own generator seeded by ``image_seeds(seed, B)[i]``, so its LQ image depends only
+on (seed, i) and its own pixels, never on the other images of the batch.
+
+JPEG is a real (non-differentiable) encode/decode round trip through libjpeg (Pillow), as Real-ESRGAN's
+``DiffJPEG(differentiable=False)`` rounds like a real codec; 4:2:0 chroma subsampling, as DiffJPEG.
+``resize_back`` is OSEDiff's random-mode resize of the LQ image back to GT size, rounded to 8 bits.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -192,10 +197,40 @@ def add_poisson_noise(img, g, dg, scale_range, gray_prob):
     return (img + noise * scale.view(b, 1, 1, 1)).clamp(0, 1)
 
 
+def jpeg_roundtrip(img: torch.Tensor, quality: int) -> torch.Tensor:
+    """One image (1x3xHxW or 3xHxW, 0..1) through a real JPEG encode/decode at ``quality`` (8-bit in and out)."""
+    import io
+
+    from PIL import Image
+
+    x = img.reshape(-1, *img.shape[-3:])[0]
+    arr = (x.detach().float().clamp(0, 1) * 255.0).round().byte().permute(1, 2, 0).cpu().numpy()
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=int(quality), subsampling=2)  # 4:2:0 as DiffJPEG
+    buf.seek(0)
+    with Image.open(buf) as im:
+        out = torch.from_numpy(np.asarray(im.convert("RGB")).copy())
+    return out.permute(2, 0, 1).to(img.device, img.dtype).div(255.0).reshape(img.shape)
+
+
 def jpeg(img, g, quality_range):
+    """Per image: a quality drawn from ``quality_range`` (Real-ESRGAN draws a float and DiffJPEG rounds)."""
     q = torch.rand(img.shape[0], generator=g) * (quality_range[1] - quality_range[0]) + quality_range[0]
-    img = img.clamp(0, 1)
-    return _kornia().enhance.jpeg_codec_differentiable(img, q.to(img)).clamp(0, 1)
+    return torch.cat([jpeg_roundtrip(img[i:i + 1], int(round(float(q[i])))) for i in range(img.shape[0])])
+
+
+def image_seeds(seed: int | None, batch: int) -> list[int]:
+    """The per-image generator seeds used for a batch degraded with ``seed``."""
+    g = torch.Generator().manual_seed(0 if seed is None else int(seed))
+    return [int(v) for v in torch.randint(0, 2**62, (batch,), generator=g)]
+
+
+def resize_back(lq: torch.Tensor, size, seed: int | None = None, modes=("area", "bilinear", "bicubic"),
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """OSEDiff's resize of the LQ batch back to ``size`` (H, W): a random mode per image, rounded to 8 bits."""
+    g = generator if generator is not None else torch.Generator().manual_seed(0 if seed is None else int(seed))
+    out = [_interp(lq[i:i + 1].float(), tuple(size), _choice(g, list(modes))) for i in range(lq.shape[0])]
+    return (torch.cat(out).clamp(0, 1) * 255.0).round().div(255.0).to(lq.dtype)
 
 
 class RealESRGANDegradation:
@@ -228,24 +263,37 @@ class RealESRGANDegradation:
         return add_poisson_noise(img, g, dg, c["poisson_scale_range" + sfx], c["gray_noise_prob" + sfx])
 
     @torch.no_grad()
-    def __call__(self, gt: torch.Tensor, seed: int | None = None, generator: torch.Generator | None = None,
-                 return_stages: bool = False):
-        c = self.cfg
-        s = int(c["scale"])
+    def __call__(self, gt: torch.Tensor, seed: int | None = None, return_stages: bool = False):
+        """Degrade every image with its own random choices. ``return_stages``: also a dict of stage name -> list
+        of per-image tensors (1x3xhxw; sizes differ between images)."""
+        s = int(self.cfg["scale"])
         if gt.ndim != 4 or gt.shape[1] != 3:
             raise HeadsUpError(f"Degradation expects a Bx3xHxW image batch, got shape {tuple(gt.shape)}.")
         h, w = gt.shape[-2:]
         if h % s or w % s:
             raise HeadsUpError(f"GT size {h}x{w} is not divisible by the scale {s}; crop it first.")
-        g = generator if generator is not None else torch.Generator().manual_seed(0 if seed is None else seed)
+        outs, stages = [], {}
+        for i, si in enumerate(image_seeds(seed, gt.shape[0])):
+            lq, st = self.degrade_one(gt[i:i + 1], si)
+            outs.append(lq)
+            for k, v in st.items():
+                stages.setdefault(k, []).append(v)
+        lq = torch.cat(outs)
+        return (lq, stages) if return_stages else lq
+
+    def degrade_one(self, gt: torch.Tensor, seed: int):
+        """One image (1x3xHxW) -> (LQ 1x3x(H/s)x(W/s), {stage: image}), all choices from ``seed``."""
+        c = self.cfg
+        s = int(c["scale"])
+        h, w = gt.shape[-2:]
+        g = torch.Generator().manual_seed(int(seed))
         # noise is drawn on the image's device from a generator seeded by the main one
         dg = torch.Generator(device=gt.device).manual_seed(int(torch.randint(0, 2**62, (), generator=g)))
-        k1, k2, ks = self.sample_kernels(g, gt.shape[0])
+        k1, k2, ks = self.sample_kernels(g, 1)
         stages: dict[str, torch.Tensor] = {}
 
         def mark(name, x):
-            if return_stages:
-                stages[name] = x
+            stages[name] = x
             return x
 
         out = mark("blur1", filter2d(gt.float(), k1))
@@ -266,7 +314,7 @@ class RealESRGANDegradation:
             out = _interp(out, (h // s, w // s), _choice(g, c["resize_modes"]))
             out = mark("final_sinc", filter2d(out, ks))
         lq = torch.clamp((out * 255.0).round(), 0, 255) / 255.0
-        return (lq.to(gt.dtype), stages) if return_stages else lq.to(gt.dtype)
+        return lq.to(gt.dtype), stages
 
 
 def _interp(img, size, mode):

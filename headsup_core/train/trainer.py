@@ -128,8 +128,12 @@ class Trainer:
         if c["gradient_checkpointing"]:
             base.unet.enable_gradient_checkpointing()
             base.vae.enable_gradient_checkpointing()
+        from .data import format_prompt
+
         prompt_pipe = HeadsUpPipeline(self.model, base.text_encoder_loader)
-        self.prompt_embeds = self._embed(prompt_pipe, mc["prompt"])
+        self._prompt_pipe, self._tag_cache = prompt_pipe, {}
+        # OSEDiff's form f"{tags}, {prompt},"; this default (no tags) is what the checkpoint stores
+        self.prompt_embeds = self._embed(prompt_pipe, format_prompt("", mc["prompt"]))
         if init is not None and init.prompt_embeds is not None and not mc["prompt"]:
             self.prompt_embeds = init.prompt_embeds.float()
         self.neg_embeds = self._embed(prompt_pipe, mc["neg_prompt"])
@@ -169,10 +173,28 @@ class Trainer:
 
     def _embed(self, pipe, text):
         try:
-            return pipe.encode_prompt(text).detach().float()
+            with torch.no_grad():
+                return pipe.encode_prompt(text).detach().float()
         except HeadsUpError:
             log.warning("the base has no text encoder: training with an all-zero prompt embedding")
             return torch.zeros(1, 77, self.model.cross_attention_dim)
+
+    def prompt_embeds_for(self, tags: list[str] | None) -> torch.Tensor:
+        """Per-image prompt embeddings (Bx77xD) from the manifest's tags; images without tags get the default
+        (``", ,"`` form). Encodings are cached per distinct string."""
+        from .data import format_prompt
+
+        if not tags or not any(tags):
+            return self.prompt_embeds
+        out = []
+        for t in tags:
+            if not t:
+                out.append(self.prompt_embeds)
+                continue
+            if t not in self._tag_cache:
+                self._tag_cache[t] = self._embed(self._prompt_pipe, format_prompt(t, self.cfg["model"]["prompt"]))
+            out.append(self._tag_cache[t].to(self.prompt_embeds.device))
+        return torch.cat(out)
 
     def _build_losses(self):
         from .degradations import RealESRGANDegradation, load_degradation_config
@@ -264,11 +286,18 @@ class Trainer:
         return path
 
     # ---------------------------------------------------------------- training
-    def make_lq(self, gt: torch.Tensor, step: int, salt: int = 0, base_seed: int | None = None) -> torch.Tensor:
+    def make_lq(self, gt: torch.Tensor, step: int, salt: int = 0, base_seed: int | None = None,
+                resize_mode: str | None = None) -> torch.Tensor:
+        """Degraded LQ, resized back to GT size. Training (``resize_mode`` None) draws the resize-back mode per
+        image and rounds to 8 bits, as OSEDiff; validation passes ``"bicubic"``, as inference upscales."""
+        from .degradations import resize_back
+
         base = self.cfg["seed"] if base_seed is None else base_seed
         seed = (base * 1_000_003 + step * 7919 + self.acc.process_index * 131 + salt) % 2**62
         lq = self.degrade(gt, seed=seed)
-        return F.interpolate(lq, size=gt.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+        if resize_mode is not None:
+            return F.interpolate(lq, size=gt.shape[-2:], mode=resize_mode, align_corners=False).clamp(0, 1)
+        return resize_back(lq, gt.shape[-2:], seed=seed + 1, modes=self.degrade.cfg["resize_modes"])
 
     def train_step(self, batch: dict, stage: dict) -> dict:
         from .losses import FaceLosses, discriminator_loss, image_losses
@@ -277,16 +306,17 @@ class Trainer:
         gt = batch["gt"].to(dev)
         x_src, x_tgt = self.make_lq(gt, self.step) * 2 - 1, gt * 2 - 1
         faces = {k: v.to(dev) for k, v in batch["faces"].items()}
+        embeds = self.prompt_embeds_for(batch.get("tags"))
         self.generator.train()
         logs = {}
         with self.acc.accumulate(self.generator):
             with self.acc.autocast():
                 x0, sr = self.generator(x_src, batch["canvas"].to(dev), batch["mask"].to(dev),
-                                        batch["has_ref"].to(dev), self.prompt_embeds)
+                                        batch["has_ref"].to(dev), embeds)
                 losses = image_losses(sr, x_tgt, self.lpips, w["mse"], w["lpips"])
                 if w["vsd"] and self.reg is not None:
                     losses["vsd"] = self.acc.unwrap_model(self.reg).distribution_matching_loss(
-                        x0, self.prompt_embeds, self.neg_embeds) * w["vsd"]
+                        x0, embeds, self.neg_embeds) * w["vsd"]
                 face_l = FaceLosses(self.lpips, self.arcface, self.acc.unwrap_model(self.disc) if self.disc else None,
                                     w["face_mse"], w["face_lpips"], w["face_id"], w["face_adv"], w["face_crop_size"])
                 f_losses, crops = face_l(sr, x_tgt, faces)
@@ -300,8 +330,11 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             if self.reg is not None and w["vsd_lora"]:
                 with self.acc.autocast():
-                    loss_d = self.reg(x0.detach(), self.prompt_embeds) * w["vsd_lora"]
+                    loss_d = self.reg(x0.detach(), embeds) * w["vsd_lora"]
                 self.acc.backward(loss_d)
+                if self.acc.sync_gradients and self.cfg["max_grad_norm"]:  # OSEDiff clips the regulariser too
+                    self.acc.clip_grad_norm_(self.acc.unwrap_model(self.reg).lora_parameters(),
+                                             self.cfg["max_grad_norm"])
                 self.opt_reg.step()
                 self.sched_reg.step()
                 self.opt_reg.zero_grad(set_to_none=True)
@@ -324,7 +357,7 @@ class Trainer:
         d = stage["data"]
         samples = load_samples(d.get("manifest"), d.get("folders") or (), split)
         ds = PortraitCrops(samples, d["gt_size"], d["scale"], d["ref_dropout"], d["face_crop_prob"],
-                           d["min_eye_distance"])
+                           d["min_eye_distance"], d["flip_prob"], d["self_reference"])
         sampler = StepBatches(len(ds), d["batch_size"], self.cfg["seed"] + stage["index"], start,
                               self.acc.num_processes, self.acc.process_index, steps)
         # its own generator: creating a loader must not draw from the global RNG (exact resume depends on it)

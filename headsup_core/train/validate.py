@@ -16,7 +16,8 @@ def validation_items(trainer, n: int | None = None) -> list[dict]:
     d = stage_plan(trainer.cfg)[-1]["data"]
     samples = load_samples(d.get("manifest"), (), "test") if d.get("manifest") else []
     samples = samples or load_samples(d.get("manifest"), d.get("folders") or (), "train")
-    ds = PortraitCrops(samples, d["gt_size"], d["scale"], 0.0, 1.0, d["min_eye_distance"])
+    ds = PortraitCrops(samples, d["gt_size"], d["scale"], 0.0, 1.0, d["min_eye_distance"], flip_prob=0.0,
+                       self_ref=d.get("self_reference", False))
     n = min(n or trainer.cfg["val_images"], len(ds))
     return [ds[(i, 10_000 + i)] for i in range(n)]
 
@@ -47,9 +48,9 @@ def evaluate(trainer, items: list[dict], save_to=None) -> dict:
         for i, it in enumerate(items):
             b = collate([it])
             gt = b["gt"].to(dev)
-            lq_up = trainer.make_lq(gt, step=i, salt=99991, base_seed=0)  # same LQ for every run and seed
+            lq_up = trainer.make_lq(gt, step=i, salt=99991, base_seed=0, resize_mode="bicubic")  # same LQ for every run and seed
             _, sr = gen(lq_up * 2 - 1, b["canvas"].to(dev), b["mask"].to(dev), b["has_ref"].to(dev),
-                        trainer.prompt_embeds)
+                        trainer.prompt_embeds_for(b.get("tags")))
             sr01 = ((sr.float() + 1) / 2).clamp(0, 1)
             mse = F.mse_loss(sr01, gt).item()
             totals["mse"].append(mse)
