@@ -9,8 +9,10 @@ from .loaders import HeadsUpFaceAnalysisLoader, HeadsUpLoader  # noqa: E402  (fo
 from .reference import HeadsUpReferenceEncoder  # noqa: E402
 from .upscale import HeadsUpUpscale  # noqa: E402
 from .blend_node import HeadsUpBlendUpscale  # noqa: E402
+from .patch_node import HeadsUpPatchModel  # noqa: E402
 
-NODES = [HeadsUpLoader, HeadsUpFaceAnalysisLoader, HeadsUpReferenceEncoder, HeadsUpUpscale, HeadsUpBlendUpscale]
+NODES = [HeadsUpLoader, HeadsUpFaceAnalysisLoader, HeadsUpReferenceEncoder, HeadsUpUpscale, HeadsUpBlendUpscale,
+         HeadsUpPatchModel]
 
 
 class HeadsUpExtension(ComfyExtension):

@@ -1,7 +1,7 @@
 """HeadsUpBlendUpscale: the "general model + face model + paste" baseline as a node.
 
 For users who only have OSEDiff weights today, and for side-by-side comparisons with HeadsUpUpscale. The work is
-headsup_core.eval.blend.blend_upscale (two ordinary HeadsUp pipelines); this file only wires ComfyUI's memory
+headsup_core.blend.blend_upscale (two ordinary HeadsUp pipelines); this file only wires ComfyUI's memory
 manager, progress bar and interrupts around it.
 """
 import torch
@@ -49,31 +49,27 @@ class HeadsUpBlendUpscale(io.ComfyNode):
                 feather) -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
-        from headsup_core.errors import InterruptedByUser
-        from headsup_core.eval.blend import blend_upscale
+        from headsup_core.blend import blend_upscale
 
-        dtype = next(general_model.pipe.model.parameters()).dtype
-        patchers = [general_model.patcher]
-        if face_model.patcher is not general_model.patcher:
-            patchers.append(face_model.patcher)
-        mm.load_models_gpu(patchers, memory_required=memory_estimate(image, scale, tile_size or None, dtype),
-                           force_full_load=True)
+        patchers = [h.patcher for h in (general_model, face_model) if h.patcher is not None]
+        if len(patchers) == 2 and patchers[0] is patchers[1]:
+            patchers.pop()
+        if patchers:  # the ComfyUI-native backend (patcher None) loads the graph's models itself, per stage
+            need = memory_estimate(image, scale, tile_size or None, general_model.pipe.dtype)
+            mm.load_models_gpu(patchers, memory_required=need, force_full_load=True)
         bar = comfy.utils.ProgressBar(image.shape[0])
 
         def progress(done, total):
             mm.throw_exception_if_processing_interrupted()
 
         outs, masks = [], []
-        try:
-            for i in range(image.shape[0]):  # one image at a time, so the bar moves per image
-                out, info = blend_upscale(image[i:i + 1], general_model.pipe, face_model.pipe, scale,
-                                          face_analysis, tile_size=tile_size or None, color_fix=color_fix,
-                                          feather=feather, progress=progress, return_info=True)
-                outs.append(out)
-                masks.append(info["face_mask"])
-                bar.update(1)
-        except InterruptedByUser:
-            raise mm.InterruptProcessingException() from None
+        for i in range(image.shape[0]):  # one image at a time, so the bar moves per image
+            out, info = blend_upscale(image[i:i + 1], general_model.pipe, face_model.pipe, scale,
+                                      face_analysis, tile_size=tile_size or None, color_fix=color_fix,
+                                      feather=feather, progress=progress, return_info=True)
+            outs.append(out)
+            masks.append(info["face_mask"])
+            bar.update(1)
         device = mm.intermediate_device()
         mask = torch.cat(masks).to(device=device, dtype=torch.float32).squeeze(1)
         return io.NodeOutput(torch.cat(outs).to(device), mask)

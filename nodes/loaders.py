@@ -4,13 +4,22 @@ ComfyUI clones node classes for every run, so the caches live at module level. L
 headsup_core; this file only maps widgets to paths/devices and wraps the model for ComfyUI's memory
 manager.
 """
+from __future__ import annotations
+
 import logging
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING, Optional
+
 import torch
 from comfy_api.latest import io
+from headsup_core.devices import DTYPE_CHOICES
+
+if TYPE_CHECKING:  # typing only: importing these at load time would pull diffusers in for every ComfyUI start
+    from comfy.model_patcher import ModelPatcher
+    from headsup_core.pipeline import HeadsUpPipeline
 
 from . import paths
 
@@ -19,7 +28,7 @@ log = logging.getLogger("HeadsUp")
 HEADSUP_MODEL = io.Custom("HEADSUP_MODEL")
 FACE_ANALYSIS = io.Custom("HEADSUP_FACE_ANALYSIS")
 
-DTYPES = ["auto", "fp16", "bf16", "fp32"]
+DTYPES = list(DTYPE_CHOICES)
 PROVIDERS = ["auto", "CPU", "CUDA", "ROCm", "DirectML", "CoreML"]
 _ORT_PROVIDERS = {"CPU": "CPUExecutionProvider", "CUDA": "CUDAExecutionProvider", "ROCm": "ROCMExecutionProvider",
                   "DirectML": "DmlExecutionProvider", "CoreML": "CoreMLExecutionProvider"}
@@ -31,10 +40,20 @@ _CACHE_SIZE = 2
 
 @dataclass
 class HeadsUpHandle:
-    """What travels on a HEADSUP_MODEL wire: the pipeline and the ModelPatcher that owns its weights."""
-    pipe: object
-    patcher: object
+    """What travels on a HEADSUP_MODEL wire: the pipeline and the ModelPatcher that owns its weights.
+
+    ``patcher`` is None for the ComfyUI-native backend (HeadsUpPatchModel): its model loads the graph's own
+    patched MODEL/VAE through ComfyUI at each stage, so the nodes must not load anything for it."""
+    pipe: HeadsUpPipeline
+    patcher: Optional[ModelPatcher]
     name: str
+
+    def load(self, memory_required: int) -> None:
+        """Put the weights on the compute device before a run (the diffusers backend only)."""
+        if self.patcher is not None:
+            import comfy.model_management as mm
+
+            mm.load_models_gpu([self.patcher], memory_required=memory_required, force_full_load=True)
 
 
 class PatchTarget(torch.nn.Module):

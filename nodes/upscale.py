@@ -3,13 +3,14 @@ import logging
 
 import torch
 from comfy_api.latest import io
+from headsup_core.color import COLOR_FIX_MODES
 
 from .loaders import FACE_ANALYSIS, HEADSUP_MODEL
 from .reference import HEADSUP_REFERENCE
 
 log = logging.getLogger("HeadsUp")
 
-COLOR_FIXES = ["adain", "wavelet", "none"]
+COLOR_FIXES = list(COLOR_FIX_MODES)
 DEFAULT_TILE = 1024  # output px: the pipeline's GPU default (128 latents); halving starts here when tile_size is 0
 MIN_TILE = 64
 # Rough activation memory per output pixel of one tile at fp32 (VAE decoder dominated); OOM retry covers misses.
@@ -23,19 +24,11 @@ def memory_estimate(image, scale, tile, dtype):
     return int(per_tile + out_pixels * 4 * 4)  # + the float output image and its blend weights
 
 
-def prompt_embeds_from(conditioning, unet):
-    """CONDITIONING -> the 1xTxD text embedding, checked against the UNet's cross-attention width."""
-    from headsup_core.errors import InputImageError
-
+def prompt_embeds_from(conditioning):
+    """CONDITIONING -> its first text embedding (BxTxD); the core checks it against the model."""
     if conditioning is None:
         return None
-    emb = conditioning[0][0]
-    expected = getattr(unet.config, "cross_attention_dim", None)
-    if emb.ndim != 3 or (expected is not None and emb.shape[-1] != expected):
-        raise InputImageError(
-            f"The conditioning has {emb.shape[-1]}-wide text embeddings but this HeadsUp base expects {expected}; "
-            "encode the prompt with the CLIP of an SD2.x checkpoint (CLIPTextEncode) or leave it unconnected.")
-    return emb[:1]
+    return conditioning[0][0]
 
 
 class HeadsUpUpscale(io.ComfyNode):
@@ -48,7 +41,8 @@ class HeadsUpUpscale(io.ComfyNode):
             description="One-step diffusion super-resolution of whole portraits, with optional identity "
                         "references for the faces.",
             inputs=[
-                HEADSUP_MODEL.Input("model", tooltip="From HeadsUp Loader."),
+                HEADSUP_MODEL.Input("model", tooltip="From HeadsUp Loader, or HeadsUp Patch Model (the graph's own "
+                                                    "MODEL/VAE)."),
                 io.Image.Input("image", tooltip="The low-quality image(s) to upscale."),
                 io.Float.Input("scale", default=4.0, min=1.0, max=8.0, step=0.5,
                                tooltip="Upscale factor. 4 is what the model is trained for."),
@@ -85,13 +79,13 @@ class HeadsUpUpscale(io.ComfyNode):
                 conditioning=None, strength=1.0, match_threshold=0.3) -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
-        from headsup_core.errors import HeadsUpError, InterruptedByUser
+        from headsup_core.errors import HeadsUpError
 
         pipe = model.pipe
         references = list(reference.references) if reference is not None else None
         analyzer = face_analysis if face_analysis is not None else getattr(reference, "analyzer", None)
-        embeds = prompt_embeds_from(conditioning, pipe.model.unet)
-        dtype = next(pipe.model.parameters()).dtype
+        embeds = prompt_embeds_from(conditioning)
+        dtype = pipe.dtype
         bar = {}
 
         def progress(done, total):
@@ -102,8 +96,7 @@ class HeadsUpUpscale(io.ComfyNode):
 
         tile = tile_size or None
         while True:
-            mm.load_models_gpu([model.patcher], memory_required=memory_estimate(image, scale, tile, dtype),
-                               force_full_load=True)
+            model.load(memory_estimate(image, scale, tile, dtype))
             try:
                 out, info = pipe.upscale(image, scale=scale, reference=references, tile_size=tile,
                                          color_fix=color_fix, prompt_embeds=embeds, face_analyzer=analyzer,
@@ -117,8 +110,6 @@ class HeadsUpUpscale(io.ComfyNode):
                     raise HeadsUpError(f"HeadsUp ran out of memory even with {tried}-pixel tiles; free memory "
                                        "(close other models) or use a smaller image.") from None
                 log.warning("HeadsUp: out of memory, retrying with tile_size=%d", tile)
-            except InterruptedByUser:
-                raise mm.InterruptProcessingException() from None
 
         device = mm.intermediate_device()
         mask = info.get("face_mask")

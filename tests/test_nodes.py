@@ -16,7 +16,7 @@ sys.path.remove(str(Path(__file__).parent / "comfy_stub"))
 from headsup_core.errors import HeadsUpError, InputImageError, MissingModelError  # noqa: E402
 
 NODE_IDS = ["HeadsUpLoader", "HeadsUpFaceAnalysisLoader", "HeadsUpReferenceEncoder", "HeadsUpUpscale",
-            "HeadsUpBlendUpscale"]
+            "HeadsUpBlendUpscale", "HeadsUpPatchModel"]
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +123,8 @@ class FakeModel(torch.nn.Module):
 class FakePipe:
     """Records calls; raises OOM while tile_size is above `oom_above`; reports `tiles` progress steps."""
 
+    dtype = torch.float32
+
     def __init__(self, oom_above=None, tiles=3):
         self.model, self.calls, self.oom_above, self.tiles = FakeModel(), [], oom_above, tiles
 
@@ -188,13 +190,46 @@ def test_upscale_is_interruptible_between_tiles(pack):
     assert not pack.mm.processing_interrupted()
 
 
-def test_conditioning_is_passed_and_checked(pack):
+def test_conditioning_is_passed_to_the_core(pack):
+    # The node passes the CONDITIONING's embedding on; the core checks it once (test_nodes_tiny checks the error).
     pipe = FakePipe()
     emb = torch.randn(1, 77, 8)
     _run_upscale(pack, pipe, conditioning=[[emb, {"pooled_output": None}]])
-    assert pipe.calls[-1]["prompt_embeds"] is emb or torch.equal(pipe.calls[-1]["prompt_embeds"], emb)
-    with pytest.raises(InputImageError, match="768-wide.*expects 8"):
-        _run_upscale(pack, pipe, conditioning=[[torch.randn(1, 77, 768), {}]])
+    assert pipe.calls[-1]["prompt_embeds"] is emb
+    _run_upscale(pack, pipe)
+    assert pipe.calls[-1]["prompt_embeds"] is None
+
+
+def test_native_handle_is_not_loaded_by_the_nodes(pack):
+    # A HeadsUpPatchModel handle (patcher None) loads the graph's models itself, per stage.
+    pack.mm.LOADS.clear()
+    loaders = pack.module("nodes.loaders")
+    pipe = FakePipe()
+    image, _ = pack.nodes["HeadsUpUpscale"].execute(model=loaders.HeadsUpHandle(pipe=pipe, patcher=None, name="n"),
+                                                    image=torch.rand(1, 8, 6, 3), scale=2.0, tile_size=0,
+                                                    color_fix="adain").result
+    assert image.shape == (1, 16, 12, 3) and pack.mm.LOADS == [] and len(pipe.calls) == 1
+
+
+def test_option_lists_come_from_the_core(pack):
+    from headsup_core.color import COLOR_FIX_MODES
+    from headsup_core.devices import DTYPE_CHOICES
+
+    ins = {i.id: i for i in pack.nodes["HeadsUpUpscale"].GET_SCHEMA().inputs}
+    assert ins["color_fix"].options == list(COLOR_FIX_MODES)
+    ins = {i.id: i for i in pack.nodes["HeadsUpLoader"].GET_SCHEMA().inputs}
+    assert ins["dtype"].options == list(DTYPE_CHOICES)
+
+
+def test_patch_model_schema_keeps_clip_optional_and_last(pack):
+    schema = pack.nodes["HeadsUpPatchModel"].GET_SCHEMA()
+    assert [(i.id, i.io_type) for i in schema.inputs] == [("model", "MODEL"), ("vae", "VAE"),
+                                                         ("weights", "COMBO"), ("clip", "CLIP")]
+    assert [i.optional for i in schema.inputs] == [False, False, False, True]
+    assert schema.inputs[2].options == ["headsup.safetensors", "osediff.pkl"]
+    assert [o.io_type for o in schema.outputs] == ["HEADSUP_MODEL"]
+    with pytest.raises(MissingModelError, match="gone.safetensors.*models/headsup"):
+        pack.nodes["HeadsUpPatchModel"].execute(model=None, vae=None, weights="gone.safetensors")
 
 
 def test_reference_carries_its_analyzer(pack):

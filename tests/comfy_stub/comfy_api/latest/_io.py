@@ -49,6 +49,9 @@ def Custom(io_type):
 Image = _socket_type("IMAGE")
 Mask = _socket_type("MASK")
 Conditioning = _socket_type("CONDITIONING")
+Model = _socket_type("MODEL")
+Vae = _socket_type("VAE")
+Clip = _socket_type("CLIP")
 
 
 class Float:
