@@ -5,23 +5,34 @@
 - ``ScriptPostprocessingHeadsUp``: an Extras section with a reference photo, the colour fix and the tile size;
   its settings apply to HeadsUp upscalers chosen in the same Extras run.
 
-The base model (SD 2.1-base architecture) is ``models/HeadsUp/base`` (a diffusers folder) or
-``models/HeadsUp/base.safetensors``/``.ckpt``, or the path in ``$HEADSUP_BASE``. Face models (for references
-and face masks) are insightface packs in ``models/insightface/models/<pack>/``.
+The base model (SD 2.x architecture) is the setting "HeadsUp base model" (Settings → Upscaling), which lists the
+SD 2.x ``.safetensors`` files in the webui's ``models/Stable-diffusion``; on "Automatic" it is ``$HEADSUP_BASE``,
+else ``models/HeadsUp/base`` (a diffusers folder) or ``models/HeadsUp/base.safetensors``/``.ckpt``. Face models
+(for references and face masks) are insightface packs in ``models/insightface/models/<pack>/``.
 
-Checked against A1111 ``modules/upscaler.py`` (01a40c62), ``modelloader.py`` (0114057a),
-``scripts_postprocessing.py`` (0cb7262c), ``devices.py`` (0181c1f7) and Forge at dfdcbab6 (2025-06-26).
+Run against the real webui code (tests/test_a1111_webui.py) of AUTOMATIC1111 v1.8.0 (bef51aed032c),
+lllyasviel/stable-diffusion-webui-forge dfdcbab6 and Haoming02/sd-webui-forge-classic 1f95d717.
 All model work is ``headsup_core.HeadsUpPipeline``, the same code as the CLI and the ComfyUI nodes.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import struct
 import sys
 
-# A1111 puts the extension folder on sys.path only while it imports this file; keep it for lazy imports.
+# A1111's load_scripts puts the extension folder on a *temporary* sys.path list while it imports this file and
+# then restores the old list, so an appended path is lost. Import the package now, while the folder is on the
+# path: later `headsup_core.*` imports resolve through the imported package itself.
 _EXT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _EXT_ROOT not in sys.path:
-    sys.path.append(_EXT_ROOT)
+    sys.path.insert(0, _EXT_ROOT)
+import headsup_core  # noqa: E402
+from headsup_core import errors as hu_errors  # noqa: E402
+
+if os.path.dirname(os.path.dirname(os.path.abspath(headsup_core.__file__))) != _EXT_ROOT:
+    print(f"HeadsUp: using headsup_core from {os.path.dirname(headsup_core.__file__)}, not this extension's copy")
 
 from modules import devices, scripts_postprocessing, shared  # noqa: E402
 from modules import upscaler as _upscaler  # noqa: E402  (module import: the base classes are not re-registered)
@@ -29,14 +40,24 @@ from modules import upscaler as _upscaler  # noqa: E402  (module import: the bas
 WEIGHTS_EXTS = (".safetensors", ".pkl")
 BASE_STEMS = ("base",)
 COLOR_FIXES = ("adain", "wavelet", "none")
+DEFAULT_SCALE = 4  # OSEDiff, and so HeadsUp's initialisation, is trained for 4x
+AUTOMATIC = "Automatic"
+SD_PREFIX = "Stable-diffusion/"
 _DEFAULTS = {"reference": None, "color_fix": "adain", "tile_size": 0, "stamp": None}
 _OPTIONS = dict(_DEFAULTS)  # set by the Extras section for the current job
 _CACHE: dict = {}  # (base, weights) -> pipeline; one at a time, kept on the CPU between runs
 _ANALYZER: dict = {}
+_FREE: dict = {}  # the Forge variant's prepare_free_memory, found once
+_LAST_SETTINGS: list = [None]  # what the Extras section last ran with
 
 
 def models_dir() -> str:
     return os.path.join(shared.models_path, "HeadsUp")
+
+
+def sd_models_dir() -> str:
+    ckpt_dir = getattr(getattr(shared, "cmd_opts", None), "ckpt_dir", None)
+    return ckpt_dir or os.path.join(shared.models_path, "Stable-diffusion")
 
 
 def find_weights(folder: str | None) -> list[str]:
@@ -48,9 +69,54 @@ def find_weights(folder: str | None) -> list[str]:
                   and os.path.isfile(os.path.join(folder, f)))
 
 
+def _safetensors_header(path: str) -> dict:
+    """The JSON header of a .safetensors file (names, shapes, ``__metadata__``) without reading any tensor."""
+    try:
+        with open(path, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            if size > 100_000_000:
+                return {}
+            return json.loads(fh.read(size))
+    except (OSError, ValueError, struct.error):
+        return {}
+
+
+def is_sd2_file(path: str) -> bool:
+    """An SD 2.x single file (LDM or sgm layout): linear attention projections, one text encoder, no label_emb."""
+    header = _safetensors_header(path)
+    unet = "model.diffusion_model."
+    proj_in = [v.get("shape") for k, v in header.items() if k.startswith(unet) and k.endswith(".proj_in.weight")]
+    return (bool(proj_in) and len(proj_in[0] or ()) == 2 and f"{unet}label_emb.0.0.weight" not in header
+            and not any(k.startswith("conditioner.embedders.1.") for k in header))
+
+
+def base_choices() -> list[str]:
+    """Values of the "HeadsUp base model" setting: Automatic, then the SD 2.x files in models/Stable-diffusion."""
+    root, found = sd_models_dir(), []
+    if os.path.isdir(root):
+        for folder, _, files in os.walk(root, followlinks=True):
+            for f in files:
+                path = os.path.join(folder, f)
+                if f.lower().endswith(".safetensors") and is_sd2_file(path):
+                    found.append(SD_PREFIX + os.path.relpath(path, root).replace(os.sep, "/"))
+    return [AUTOMATIC] + sorted(found)
+
+
+def _base_setting() -> str:
+    return getattr(getattr(shared, "opts", None), "headsup_base", None) or AUTOMATIC
+
+
 def find_base(folder: str) -> str:
+    """The base model: the webui setting, else $HEADSUP_BASE, else models/HeadsUp/base*."""
     from headsup_core.errors import MissingModelError
 
+    choice = _base_setting()
+    if choice != AUTOMATIC:
+        path = os.path.join(sd_models_dir(), choice[len(SD_PREFIX):]) if choice.startswith(SD_PREFIX) else choice
+        if not os.path.exists(path):
+            raise MissingModelError(f"The HeadsUp base model setting names {path}, which does not exist: pick "
+                                    "another in Settings → Upscaling → HeadsUp base model.")
+        return path
     env = os.environ.get("HEADSUP_BASE")
     if env:
         if not os.path.exists(env):
@@ -61,9 +127,24 @@ def find_base(folder: str) -> str:
     for c in candidates:
         if os.path.exists(c):
             return c
+    sd2 = base_choices()[1:]
+    hint = (f" SD 2.x files found in {sd_models_dir()}: {', '.join(c[len(SD_PREFIX):] for c in sd2)}; choose one"
+            if sd2 else f" Or put an SD 2.1-base .safetensors in {sd_models_dir()} and choose it")
     raise MissingModelError(
         f"HeadsUp needs its SD 2.1-base model: put a diffusers folder at {candidates[0]} or a single file at "
-        f"{candidates[1]} (or set HEADSUP_BASE).")
+        f"{candidates[1]} (or set HEADSUP_BASE).{hint} in Settings → Upscaling → HeadsUp base model.")
+
+
+def weights_scale(path: str) -> int:
+    """The scale a weights file was trained for: its ``scale`` metadata if recorded, else OSEDiff's 4x."""
+    if path.lower().endswith(".safetensors"):
+        meta = _safetensors_header(path).get("__metadata__") or {}
+        for key in ("scale", "train_scale"):
+            try:
+                return max(1, int(float(meta[key])))
+            except (KeyError, ValueError, TypeError):
+                continue
+    return DEFAULT_SCALE
 
 
 def _device_dtype():
@@ -79,15 +160,42 @@ def _device_dtype():
     return dev, dtype
 
 
+def forge_prepare_free_memory():
+    """Forge's ``prepare_free_memory`` (``modules_forge/utils.py`` in Forge, ``forge_util.py`` in Forge Classic),
+    or None on A1111. Looked up once; which one was found is printed."""
+    if "fn" not in _FREE:
+        import importlib
+        import importlib.util
+
+        _FREE.update(fn=None, source=None)
+        try:
+            is_forge = importlib.util.find_spec("modules_forge") is not None
+        except (ImportError, ValueError):
+            is_forge = False
+        failures = []
+        for name in ("modules_forge.utils", "modules_forge.forge_util") if is_forge else ():
+            try:
+                fn = getattr(importlib.import_module(name), "prepare_free_memory", None)
+            except Exception as err:  # noqa: BLE001 - a broken Forge module must not break the upscale
+                failures.append(f"{name}: {type(err).__name__}: {err}")
+                continue
+            if callable(fn):
+                _FREE.update(fn=fn, source=f"{name}.prepare_free_memory")
+                print(f"HeadsUp: frees VRAM through Forge's {_FREE['source']}")
+                break
+            failures.append(f"{name}: no prepare_free_memory")
+        if is_forge and _FREE["fn"] is None:
+            print("HeadsUp: WARNING: this is Forge, but its prepare_free_memory was not found "
+                  f"({'; '.join(failures)}); Forge's models stay in VRAM while HeadsUp runs.")
+    return _FREE["fn"]
+
+
 def _free_memory() -> None:
     """Forge manages VRAM itself: ask it for room first. Classic A1111: empty the cache."""
-    try:
-        from modules_forge.utils import prepare_free_memory
-
-        prepare_free_memory()
+    fn = forge_prepare_free_memory()
+    if fn is not None:
+        fn()
         return
-    except Exception:
-        pass
     if hasattr(devices, "torch_gc"):
         devices.torch_gc()
 
@@ -109,17 +217,49 @@ def current_options() -> dict:
     return dict(_OPTIONS) if _OPTIONS["stamp"] is not None and _OPTIONS["stamp"] == _stamp() else dict(_DEFAULTS)
 
 
+def _image_digest(image) -> str | None:
+    if image is None:
+        return None
+    try:
+        return f"{image.mode}{image.size}" + hashlib.sha1(image.tobytes()).hexdigest()
+    except Exception:  # noqa: BLE001 - not a PIL image: compare by identity
+        return f"id{id(image)}"
+
+
+def settings_signature(enable=False, reference=None, color_fix="adain", tile_size=0) -> tuple:
+    """Everything besides the Upscale section's own inputs that changes a HeadsUp result."""
+    if not enable:
+        return (False, _base_setting())
+    return (True, _image_digest(reference), color_fix, int(tile_size or 0), _base_setting())
+
+
+def invalidate_extras_cache_if_changed(signature: tuple) -> bool:
+    """The webui's Upscale section caches results by image, upscaler and size only, so a change of HeadsUp's
+    settings would return the old picture: clear that cache (``scripts_postproc.image_changed()``) on a change."""
+    if _LAST_SETTINGS[0] == signature:
+        return False
+    first, _LAST_SETTINGS[0] = _LAST_SETTINGS[0] is None, signature
+    try:
+        from modules import scripts
+
+        runner = getattr(scripts, "scripts_postproc", None)
+        if runner is not None:
+            runner.image_changed()
+    except Exception as err:  # noqa: BLE001
+        print(f"HeadsUp: could not clear the Extras upscale cache ({err}); change the image to force a new run.")
+        return False
+    return not first
+
+
 def face_analyzer(required: bool):
     """insightface analyzer from models/insightface; None (once reported) if absent and not required."""
     if "value" not in _ANALYZER:
-        from headsup_core.errors import HeadsUpError
-
         try:
             from headsup_core.faces import load_face_analyzer
 
             root = os.path.join(shared.models_path, "insightface")
             _ANALYZER["value"] = load_face_analyzer("insightface", model_root=root, device=str(_device_dtype()[0]))
-        except (HeadsUpError, ImportError) as err:
+        except (hu_errors.HeadsUpError, ImportError) as err:
             _ANALYZER["value"], _ANALYZER["error"] = None, err
             print(f"HeadsUp: no face analyzer, faces get no special treatment: {err}")
     if required and _ANALYZER["value"] is None:
@@ -144,7 +284,7 @@ class UpscalerHeadsUp(_upscaler.Upscaler):
             stem = os.path.splitext(os.path.basename(path))[0]
             if stem not in seen:
                 seen.add(stem)
-                self.scalers.append(_upscaler.UpscalerData(f"HeadsUp {stem}", path, self, 4))
+                self.scalers.append(_upscaler.UpscalerData(f"HeadsUp {stem}", path, self, weights_scale(path)))
 
     def load_model(self, path: str):
         from headsup_core import HeadsUpPipeline
@@ -156,8 +296,10 @@ class UpscalerHeadsUp(_upscaler.Upscaler):
         return _CACHE[key]
 
     def do_upscale(self, img, selected_model):
-        from headsup_core.errors import InterruptedByUser
-
+        # Forge Classic calls this before checking sizes (also for "Scale to" a smaller size), up to 4 times and
+        # without an interrupt check; Forge and A1111 1.9+ call it once at scale 1. None of these is a pass.
+        if float(self.scale) <= 1 or _interrupted():
+            return img
         opts = current_options()
         pipe = self.load_model(selected_model)
         analyzer = face_analyzer(required=opts["reference"] is not None)
@@ -165,7 +307,7 @@ class UpscalerHeadsUp(_upscaler.Upscaler):
 
         def progress(done, total):
             if _interrupted():
-                raise InterruptedByUser("Interrupted by the user.")
+                raise hu_errors.InterruptedByUser("Interrupted by the user.")
             if state is not None and hasattr(state, "sampling_steps"):
                 state.sampling_steps, state.sampling_step = total, done
 
@@ -175,7 +317,7 @@ class UpscalerHeadsUp(_upscaler.Upscaler):
             return pipe.upscale(img.convert("RGB"), scale=self.scale, reference=opts["reference"],
                                 face_analyzer=analyzer, tile_size=opts["tile_size"] or None,
                                 color_fix=opts["color_fix"], progress=progress)
-        except InterruptedByUser:
+        except hu_errors.InterruptedByUser:
             return img  # A1111's convention: an interrupted step hands its input on
         finally:
             pipe.to(devices.cpu if hasattr(devices, "cpu") else "cpu")
@@ -206,8 +348,28 @@ class ScriptPostprocessingHeadsUp(scripts_postprocessing.ScriptPostprocessing):
 
     def process_firstpass(self, pp, enable=False, reference=None, color_fix="adain", tile_size=0):
         set_options(enable, reference, color_fix, tile_size)
+        invalidate_extras_cache_if_changed(settings_signature(enable, reference, color_fix, tile_size))
 
     def process(self, pp, enable=False, reference=None, color_fix="adain", tile_size=0):
         set_options(enable, reference, color_fix, tile_size)
+        # older webuis have no process_firstpass; order 990 runs this before the Upscale section
+        invalidate_extras_cache_if_changed(settings_signature(enable, reference, color_fix, tile_size))
         if enable:
             pp.info["HeadsUp"] = f"colour fix {_OPTIONS['color_fix']}" + (", reference" if reference else "")
+
+
+def on_ui_settings():
+    import gradio as gr
+
+    section = ("upscaling", "Upscaling")
+    shared.opts.add_option("headsup_base", shared.OptionInfo(
+        AUTOMATIC, "HeadsUp base model (SD 2.x; Automatic = models/HeadsUp/base* or $HEADSUP_BASE)",
+        gr.Dropdown, lambda: {"choices": base_choices()}, section=section))
+
+
+try:
+    from modules import script_callbacks
+
+    script_callbacks.on_ui_settings(on_ui_settings)
+except Exception as _err:  # noqa: BLE001 - the upscaler works without the setting
+    print(f"HeadsUp: the base model setting is unavailable here ({_err}); using models/HeadsUp/base*.")
