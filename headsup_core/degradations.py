@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import HeadsUpError, MissingDependencyError
+from .errors import HeadsUpError, MissingDependencyError
 
 _RESIZE_KINDS = ("up", "down", "keep")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from headsup_core.errors import HeadsUpError
-from headsup_core.train.degradations import (RealESRGANDegradation, gaussian_kernel, image_seeds, jpeg_roundtrip,
+from headsup_core.degradations import (RealESRGANDegradation, gaussian_kernel, image_seeds, jpeg_roundtrip,
                                              load_degradation_config, resize_back, sinc_kernel)
 
 

@@ -69,7 +69,7 @@ def _fit(gt: np.ndarray, scale: int, max_side: int | None) -> np.ndarray:
 def make_degrader(scale: int) -> tuple[Callable[[np.ndarray, int], np.ndarray], str]:
     """``(degrade(gt_u8, seed) -> lq_u8, description)``; falls back to bicubic if the training module is missing."""
     try:
-        from ..train.degradations import RealESRGANDegradation, load_degradation_config
+        from ..degradations import RealESRGANDegradation, load_degradation_config
 
         deg = RealESRGANDegradation(load_degradation_config(None, scale=scale))
 
@@ -78,7 +78,7 @@ def make_degrader(scale: int) -> tuple[Callable[[np.ndarray, int], np.ndarray], 
             lq = deg(x, seed=seed)
             return (lq[0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
-        return degrade, f"Real-ESRGAN second-order degradation (headsup_core.train.degradations), x{scale}"
+        return degrade, f"Real-ESRGAN second-order degradation (headsup_core.degradations), x{scale}"
     except Exception as err:  # ImportError, or a config error: say so and keep going
         from PIL import Image
 
@@ -214,7 +214,7 @@ def paste_region_mask(faces, lq_shape, out_hw, crop_size: int = 512, margin: flo
     """Where the blend baseline's paste boundary lies (hard mask), so every method's seam is measured there."""
     if not faces:
         return None
-    from .blend import _feather_mask, face_crop_transform, paste_face
+    from ..blend import _feather_mask, face_crop_transform, paste_face
 
     acc = np.zeros(out_hw, np.float32)
     base = np.zeros((*out_hw, 3), np.uint8)
@@ -391,7 +391,7 @@ def build_methods(names, *, base=None, weights=None, osediff_weights=None, face_
                 return out, {"row": {"refs_used": used}} if refs else {}
             methods[n] = run
         elif n == "blend":
-            from .blend import blend_upscale
+            from ..blend import blend_upscale
 
             g, f = pipe(osediff_weights), pipe(face_weights or osediff_weights)
             methods[n] = lambda s, faces, g=g, f=f: blend_upscale(

@@ -5,7 +5,7 @@ the UNet identically.
 Batches are a pure function of (seed, step): ``StepBatches`` walks seeded per-epoch permutations and gives every
 sample its own seed (crop, reference choice, reference dropout). Resuming at step N therefore sees exactly the
 batches an uninterrupted run would, with no data-loader state to save. The LQ image is synthesised later, on
-the training device (``degradations.py``).
+the training device (``headsup_core/degradations.py``).
 """
 
 from __future__ import annotations

@@ -197,7 +197,7 @@ class Trainer:
         return torch.cat(out)
 
     def _build_losses(self):
-        from .degradations import RealESRGANDegradation, load_degradation_config
+        from ..degradations import RealESRGANDegradation, load_degradation_config
         from .losses import ArcFaceIdentity, LPIPSLoss, PatchDiscriminator
 
         lc, plan = self.cfg["losses"], stage_plan(self.cfg)
@@ -290,7 +290,7 @@ class Trainer:
                 resize_mode: str | None = None) -> torch.Tensor:
         """Degraded LQ, resized back to GT size. Training (``resize_mode`` None) draws the resize-back mode per
         image and rounds to 8 bits, as OSEDiff; validation passes ``"bicubic"``, as inference upscales."""
-        from .degradations import resize_back
+        from ..degradations import resize_back
 
         base = self.cfg["seed"] if base_seed is None else base_seed
         seed = (base * 1_000_003 + step * 7919 + self.acc.process_index * 131 + salt) % 2**62
