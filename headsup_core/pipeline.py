@@ -140,17 +140,12 @@ class HeadsUpPipeline:
 
     # ----------------------------------------------------------------------------------------------- faces
     def _references(self, reference, face_analyzer):
+        """The faces package's one reference normaliser: each photo is one person."""
         if reference is None:
             return None
-        from .faces import Reference, encode_reference
+        from .faces import as_references
 
-        refs = reference if isinstance(reference, (list, tuple)) else [reference]
-        if all(isinstance(r, Reference) for r in refs):
-            return list(refs)
-        if face_analyzer is None:
-            raise InputImageError("A reference photo needs a face analyzer (e.g. --faces insightface) to find the face.")
-        # Each reference image is treated as one person (a group portrait gets one reference per person).
-        return [r if isinstance(r, Reference) else encode_reference([r], face_analyzer) for r in refs]
+        return as_references(reference, face_analyzer)
 
     # ----------------------------------------------------------------------------------------------- main
     def plan_tiles(self, tile_size: int | None) -> TilePlan:
@@ -164,7 +159,7 @@ class HeadsUpPipeline:
     def upscale(self, image, scale: float = 4.0, reference=None, prompt: str | None = None,
                 tile_size: int | None = None, color_fix: str = "adain", seed: int = 0, *,
                 prompt_embeds=None, face_analyzer=None, progress: Callable[[int, int], Any] | None = None,
-                return_info: bool = False, strength: float = 1.0, match_threshold: float = 0.3,
+                return_info: bool = False, strength: float = 1.0, match_threshold: float | None = None,
                 mask_without_reference: bool = True):
         """Upscale ``image`` (PIL, HxWxC uint8 numpy, or BxHxWxC float tensor); the result is the same kind."""
         scale = check_scale(scale)
@@ -259,6 +254,9 @@ class HeadsUpPipeline:
             cond = build_face_condition(tensor_to_uint8(lq)[0], (oh, ow), face_analyzer, refs,
                                         match_threshold=match_threshold, mask_without_reference=mask_without_reference)
             face_mask_px, assigned = cond.mask.float().cpu(), list(cond.assignments)
+            # Training always conditions on a face mask, so inference draws it whenever faces are analysed.
+            log.info("HeadsUp: face mask drawn on %d face(s) (%s face backend)%s", len(assigned),
+                     getattr(face_analyzer, "backend", "?"), "" if refs else ", no reference")
             mask_lat = mask_to_latent(_pad_to_multiple(face_mask_px, multiple), (lh, lw)).to(dev)
             if refs:
                 canvas = _pad_to_multiple(cond.canvas.float(), multiple)

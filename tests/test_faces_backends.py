@@ -178,7 +178,7 @@ def test_cuda_provider_requested_but_missing(tiny):
 
 def test_unknown_backend():
     with pytest.raises(FaceError, match="Unknown face backend"):
-        load_face_analyzer("dlib")
+        load_face_analyzer("openface")
 
 
 # ---------------------------------------------------------------- facexlib

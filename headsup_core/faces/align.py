@@ -1,4 +1,4 @@
-"""5-point similarity alignment (FFHQ-style 512x512 template) and region warping.
+"""5-point similarity alignment (the FFHQ 512 and ArcFace 112 templates live here only) and region warping.
 
 The least-squares similarity fit is scikit-image's (Umeyama), the warping is OpenCV's.
 """
@@ -13,6 +13,9 @@ CROP_SIZE = 512
 # left eye, right eye, nose, left mouth corner, right mouth corner.
 FFHQ_512 = np.array([[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935],
                      [201.26117, 371.41043], [313.08905, 371.15118]], dtype=np.float32)
+# insightface's ArcFace 112x112 template (``arcface_dst``), the same five points for recognizer crops.
+ARCFACE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
+                        [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float32)
 # The face region in template coordinates (ellipse centre and semi-axes), forehead to chin, ear to ear.
 FACE_ELLIPSE_512 = ((256.0, 300.0), (150.0, 195.0))
 

@@ -13,80 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import FaceError, HeadsUpError, InputImageError, MissingDependencyError, MissingModelError
+from ..errors import FaceError, HeadsUpError, MissingDependencyError, MissingModelError
+from .common import (GPU_PROVIDERS, AnalyzerBase, FaceAnalyzer, check_image, embed_with_arcface,  # noqa: F401
+                     log_licence, normalise, provider_name, resolve_providers)
 from .types import DetectedFace
 
 log = logging.getLogger(__name__)
 
 PREFERRED_PACKS = ("antelopev2", "buffalo_l")
-# onnxruntime providers that mean "run on a GPU"; asking for one that is missing is an error, never a fallback.
-GPU_PROVIDERS = ("CUDAExecutionProvider", "ROCMExecutionProvider", "MIGraphXExecutionProvider",
-                 "TensorrtExecutionProvider", "DmlExecutionProvider", "CoreMLExecutionProvider")
-
-
-def normalise(v) -> np.ndarray | None:
-    if v is None:
-        return None
-    v = np.asarray(v, dtype=np.float32).ravel()
-    n = float(np.linalg.norm(v))
-    return v / n if n > 0 else None
-
-
-def check_image(image: np.ndarray) -> np.ndarray:
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        got = getattr(image, "shape", type(image).__name__)
-        raise InputImageError(f"Face detection needs an HxWx3 uint8 RGB array, got {got}.")
-    return image
-
-
-class FaceAnalyzer:
-    """Base class: ``detect`` returns faces sorted by descending area."""
-
-    backend = "none"
-    has_recognizer = False
-
-    def detect(self, image: np.ndarray) -> list[DetectedFace]:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(backend={self.backend!r}, recognizer={self.has_recognizer})"
-
-
-def _ort():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise MissingDependencyError("The insightface face backend needs onnxruntime: pip install onnxruntime "
-                                     "(or onnxruntime-gpu for CUDA).") from None
-    return onnxruntime
-
-
-def _provider_name(p) -> str:
-    return str(p[0]) if isinstance(p, (list, tuple)) else str(p)
-
-
-def resolve_providers(providers=None, device=None) -> list:
-    """Pick onnxruntime providers; a requested GPU provider that onnxruntime lacks raises, never falls back."""
-    available = list(_ort().get_available_providers())
-    if providers is None:
-        dev = str(device or "").lower()
-        if dev.startswith("cpu"):
-            providers = ["CPUExecutionProvider"]
-        elif dev.startswith(("cuda", "rocm")):
-            name = "ROCMExecutionProvider" if dev.startswith("rocm") else "CUDAExecutionProvider"
-            dev_id = int(dev.split(":")[1]) if ":" in dev else 0
-            providers = [(name, {"device_id": dev_id}), "CPUExecutionProvider"]
-        else:  # no preference: the best GPU provider onnxruntime offers, then the CPU for unsupported ops
-            gpu = [p for p in ("CUDAExecutionProvider", "ROCMExecutionProvider") if p in available]
-            providers = gpu[:1] + ["CPUExecutionProvider"]
-    providers = [providers] if isinstance(providers, str) else list(providers)
-    missing = [_provider_name(p) for p in providers if _provider_name(p) not in available]
-    if missing:
-        hint = ("install onnxruntime-gpu matching your CUDA version (and uninstall plain onnxruntime)"
-                if any(m in GPU_PROVIDERS for m in missing) else "choose one of the available providers")
-        raise MissingDependencyError(f"onnxruntime provider(s) {missing} were requested but this onnxruntime offers "
-                                     f"only {available}; {hint}, or run face analysis on the CPU.")
-    return providers
+BACKENDS = ("auto", "insightface", "dlib", "facexlib", "none")
 
 
 def resolve_pack_dir(model_root=None, pack=None) -> Path:
@@ -128,8 +63,9 @@ def _unnest(pack_dir: Path) -> Path:
     return pack_dir
 
 
-class InsightFaceAnalyzer(FaceAnalyzer):
+class InsightFaceAnalyzer(AnalyzerBase):
     backend = "insightface"
+    identity_kind = "arcface"
 
     def __init__(self, pack_dir: Path, providers: list, det_size=(640, 640), det_thresh: float = 0.5,
                  require_recognizer: bool = True):
@@ -162,8 +98,8 @@ class InsightFaceAnalyzer(FaceAnalyzer):
                                         "need one.")
             log.warning("insightface pack %s has no recognizer: faces get no identity embedding", self.pack_dir)
         self._check_active_providers(app, providers)
-        _log_licence(self.pack_dir)
-        log.info("insightface pack %s on %s", self.pack_dir, [_provider_name(p) for p in providers])
+        self.licence = log_licence(self.pack_dir) or "insightface pack: licence unknown, check its source"
+        log.info("insightface pack %s on %s", self.pack_dir, [provider_name(p) for p in providers])
         app.prepare(ctx_id=0, det_size=tuple(det_size), det_thresh=det_thresh)
         self.app = app
         self.providers = providers
@@ -171,7 +107,7 @@ class InsightFaceAnalyzer(FaceAnalyzer):
 
     @staticmethod
     def _check_active_providers(app, providers) -> None:
-        wanted = [_provider_name(p) for p in providers if _provider_name(p) in GPU_PROVIDERS]
+        wanted = [provider_name(p) for p in providers if provider_name(p) in GPU_PROVIDERS]
         for task, model in app.models.items():
             active = list(model.session.get_providers())
             lost = [p for p in wanted if p not in active]
@@ -198,46 +134,40 @@ class InsightFaceAnalyzer(FaceAnalyzer):
         return embed_with_arcface(self.app.models.get("recognition"), image, kps)
 
 
-def embed_with_arcface(rec_model, image: np.ndarray, kps: np.ndarray) -> np.ndarray | None:
-    if rec_model is None:
-        return None
-    from insightface.app.common import Face
-
-    face = Face(bbox=None, kps=np.asarray(kps, np.float32), det_score=1.0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return normalise(rec_model.get(np.ascontiguousarray(image[:, :, ::-1]), face))
-
-
-def _log_licence(path) -> None:
-    """State the licence of the weights being loaded (insightface packs are non-commercial)."""
-    try:
-        from ..licences import describe_licence
-    except ImportError:  # pragma: no cover - older core
-        return
-    note = describe_licence(str(path))
-    if note:
-        log.warning(note)
-
-
 def load_face_analyzer(backend: str = "insightface", model_root=None, pack=None, providers=None, device=None,
-                       **options) -> FaceAnalyzer:
+                       **options) -> FaceAnalyzer | None:
     """Load a face analyzer.
 
+    * ``backend="auto"``: the first that is available, in this order: an installed insightface pack (under
+      ``model_root``, default ``~/.insightface``), dlib (``pip install dlib-bin face-recognition-models``),
+      facexlib weights (in ``facexlib_root=``), else None. Logs which one it took and that model's licence.
     * ``backend="insightface"``: ``model_root`` holds ``models/<pack>/*.onnx`` (default ``~/.insightface``; in
       ComfyUI ``models/insightface``); ``pack`` is a pack name or folder (default: antelopev2, buffalo_l, or the
       only pack present). ``providers`` are onnxruntime providers, or ``device`` ("cpu", "cuda:0") picks them.
       Options: ``det_size=(640, 640)``, ``det_thresh=0.5``, ``require_recognizer=True``.
+    * ``backend="dlib"``: dlib's HOG detector (``detector="mmod"`` for its CNN detector), 5-point landmarks and
+      128-d ResNet identity, from the ``face-recognition-models`` package (or ``model_root``, a folder with
+      the same .dat files). Options: ``detector``, ``upsample=None`` (auto), ``det_thresh=0.0``,
+      ``recognizer=True``, ``num_jitters=0``. Runs on the CPU.
     * ``backend="facexlib"``: ``model_root`` is the folder with facexlib's weights (ComfyUI:
-      ``models/facedetection``); runs in torch on ``device``. facexlib has no ArcFace recognizer, so faces get
+      ``models/facedetection``); runs in torch on ``device``. facexlib has no recognizer, so faces get
       ``embedding=None`` unless ``recognizer=`` names an insightface recognition .onnx (or a pack via ``pack``).
       Options: ``detector="retinaface_resnet50"|"retinaface_mobile0.25"``, ``parsing=False`` (BiSeNet face masks),
       ``det_thresh=0.8``, ``recognizer=None``.
+    * ``backend="none"``: None.
     """
     backend = (backend or "").lower()
+    if backend == "none":
+        return None
+    if backend == "auto":
+        return load_auto(insightface_root=model_root, pack=pack, providers=providers, device=device, **options)
     if backend == "insightface":
         pack_dir = resolve_pack_dir(model_root, pack)
         return InsightFaceAnalyzer(pack_dir, resolve_providers(providers, device), **options)
+    if backend == "dlib":
+        from .dlib_backend import load
+
+        return load(model_root, **options)
     if backend == "facexlib":
         from .facexlib_backend import FacexlibAnalyzer
 
@@ -245,4 +175,61 @@ def load_face_analyzer(backend: str = "insightface", model_root=None, pack=None,
         if recognizer is None and pack is not None:
             recognizer = pack
         return FacexlibAnalyzer(model_root, device=device, recognizer=recognizer, providers=providers, **options)
-    raise FaceError(f"Unknown face backend {backend!r}; use 'insightface' or 'facexlib'.")
+    raise FaceError(f"Unknown face backend {backend!r}; use one of {', '.join(BACKENDS)}.")
+
+
+def find_backends(insightface_root=None, facexlib_root=None) -> list[tuple[str, str, str]]:
+    """Installed face backends in ``auto``'s order: (backend, where, licence note). Loads nothing."""
+    import importlib.util
+
+    from ..licences import describe_licence
+    from . import dlib_backend
+
+    found = []
+    if importlib.util.find_spec("insightface") is not None and importlib.util.find_spec("onnxruntime") is not None:
+        try:
+            pack_dir = resolve_pack_dir(insightface_root, None)
+        except HeadsUpError:
+            pack_dir = None
+        if pack_dir is not None:
+            found.append(("insightface", str(pack_dir), describe_licence(str(pack_dir)) or
+                          f"insightface pack {pack_dir.name}: licence unknown, check where it came from"))
+    if dlib_backend.available():
+        found.append(("dlib", str(dlib_backend.default_model_dir()), dlib_backend.LICENCE))
+    if facexlib_root is not None and importlib.util.find_spec("facexlib") is not None:
+        from .facexlib_backend import DETECTOR_FILES
+
+        for name, file in DETECTOR_FILES.items():
+            path = Path(os.path.expanduser(str(facexlib_root))) / file
+            if path.is_file():
+                found.append(("facexlib", str(path), describe_licence(str(path)) or "facexlib: MIT"))
+                break
+    return found
+
+
+def load_auto(insightface_root=None, facexlib_root=None, pack=None, providers=None, device=None,
+              **options) -> FaceAnalyzer | None:
+    """``faces="auto"``: insightface pack, then dlib, then facexlib weights, then None (see load_face_analyzer).
+    A backend that is present but fails to load is skipped with a warning."""
+    for backend, where, note in find_backends(insightface_root, facexlib_root):
+        try:
+            if backend == "insightface":
+                analyzer = load_face_analyzer("insightface", model_root=insightface_root, pack=pack,
+                                              providers=providers, device=device)
+            elif backend == "dlib":
+                analyzer = load_face_analyzer("dlib")
+            else:
+                from .facexlib_backend import DETECTOR_FILES
+
+                detector = next(k for k, v in DETECTOR_FILES.items() if where.endswith(v))
+                analyzer = load_face_analyzer("facexlib", model_root=facexlib_root, device=device,
+                                              detector=detector)
+        except HeadsUpError as err:
+            log.warning("faces=auto: %s at %s could not be loaded (%s); trying the next backend", backend, where, err)
+            continue
+        log.info("faces=auto: using the %s face backend (%s). Licence: %s", backend, where, note)
+        analyzer.auto_note = f"{backend} ({where}); licence: {note}"
+        return analyzer
+    log.warning("faces=auto: no face backend found (no insightface pack, dlib not installed, no facexlib "
+                "weights): no face mask and no references. pip install dlib-bin face-recognition-models")
+    return None

@@ -12,7 +12,8 @@ import numpy as np
 
 from ..errors import FaceError
 from .align import FACE_ELLIPSE_512, apply, cv2_module, estimate_similarity, roi_of, scale_of, template, warp_into_roi
-from .analyzer import check_image
+from .common import check_image
+from .identity import MATCH_THRESHOLD, to_common
 from .types import DetectedFace, FaceCondition, Reference
 
 log = logging.getLogger(__name__)
@@ -21,9 +22,12 @@ MASK_MARGIN = 0.10  # the face region is grown by this fraction of the face size
 STRIP_ROWS = 256
 
 
-def match_references(face_embeddings, ref_embeddings, threshold: float = 0.3,
-                     face_areas=None) -> list[tuple[int | None, float | None]]:
-    """One-to-one greedy matching by cosine similarity; returns (reference index, similarity) per face.
+def match_references(face_embeddings, ref_embeddings, threshold: float | None = None,
+                     face_areas=None, identity_kind: str = "arcface") -> list[tuple[int | None, float | None]]:
+    """One-to-one greedy matching by identity similarity; returns (reference index, similarity) per face.
+
+    Similarities and ``threshold`` are on the common scale of ``faces.identity`` (default
+    ``MATCH_THRESHOLD`` = 0.3), whichever identity model (``identity_kind``) made the embeddings.
 
     Pairs are taken in order of decreasing similarity, so every reference goes to the face it matches best
     unless a better-matching reference already took that face; pairs below ``threshold`` are never made.
@@ -43,9 +47,13 @@ def match_references(face_embeddings, ref_embeddings, threshold: float = 0.3,
         largest = int(np.argmax(face_areas)) if face_areas is not None else 0
         out[largest] = (0, None)
         return out
+    threshold = MATCH_THRESHOLD if threshold is None else float(threshold)
     faces = np.stack([np.asarray(e, np.float32) for e in face_embeddings])
     refs = np.stack([np.asarray(e, np.float32) for e in ref_embeddings])
-    sims = faces @ refs.T
+    if faces.shape[1] != refs.shape[1]:
+        raise FaceError(f"The references' identity embeddings ({refs.shape[1]}-d) come from another face model than "
+                        f"the faces' ({faces.shape[1]}-d); encode the references with the same face analyzer.")
+    sims = to_common(faces @ refs.T, identity_kind)
     used_faces, used_refs = set(), set()
     for flat in np.argsort(-sims, axis=None, kind="stable"):
         f, r = divmod(int(flat), n_refs)
@@ -114,8 +122,8 @@ def _sorted_faces(faces: list[DetectedFace]) -> list[DetectedFace]:
     return sorted(faces, key=lambda f: (round(float(f.bbox[0])), round(float(f.bbox[1]))))
 
 
-def build_face_condition(lq_rgb: np.ndarray, out_size, analyzer, references=None, match_threshold: float = 0.3,
-                         mask_without_reference: bool = True, face_indices=None, faces=None) -> FaceCondition:
+def build_face_condition(lq_rgb: np.ndarray, out_size, analyzer, references=None,
+                         match_threshold: float | None = None, mask_without_reference: bool = True, face_indices=None, faces=None) -> FaceCondition:
     """Detect faces in the low-quality input and build the reference canvas and face mask at ``out_size``.
 
     ``lq_rgb``: HxWx3 uint8 RGB, the input before upscaling. ``out_size``: (H_out, W_out). ``references``: None,
@@ -142,7 +150,8 @@ def build_face_condition(lq_rgb: np.ndarray, out_size, analyzer, references=None
     selected = set(range(len(faces))) if face_indices is None else {int(i) for i in face_indices}
     chosen = [i for i in range(len(faces)) if i in selected]
     matches = match_references([faces[i].embedding for i in chosen], [r.embedding for r in refs], match_threshold,
-                               face_areas=[faces[i].area for i in chosen])
+                               face_areas=[faces[i].area for i in chosen],
+                               identity_kind=getattr(analyzer, "identity_kind", "arcface"))
     per_face = {i: m for i, m in zip(chosen, matches)}
     if refs and not faces:
         log.warning("references were given but no face was found in the input; running without them")
@@ -166,13 +175,12 @@ def build_face_condition(lq_rgb: np.ndarray, out_size, analyzer, references=None
             log.warning("face %d has degenerate landmarks; skipped", i)
             continue
         size = max(scale_of(m_tpl) * 512.0 * 0.5, 1.0)  # about the face's extent in output pixels
-        parse = getattr(analyzer, "parse_mask", None)
         tpl_mask = None
-        if parse is not None and getattr(analyzer, "parser", None) is not None:
+        if getattr(analyzer, "parser", None) is not None:  # only a backend with a face parser has a parse_mask
             from .align import align_face
 
             crop, _, _ = align_face(lq, face_lq.kps)
-            tpl_mask = parse(crop)
+            tpl_mask = analyzer.parse_mask(crop)
         region = _face_region(tpl_mask, m_tpl, face, (h_out, w_out), size)
         if region is not None:
             roi, low, to_image = region

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MissingDependencyError, MissingModelError, WeightsError
-from .analyzer import FaceAnalyzer, _log_licence, check_image, embed_with_arcface, normalise, resolve_providers
+from .common import AnalyzerBase, check_image, embed_with_arcface, log_licence, normalise, resolve_providers
 from .types import DetectedFace
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,7 @@ DETECTOR_FILES = {"retinaface_resnet50": "detection_Resnet50_Final.pth",
 PARSING_FILE = "parsing_bisenet.pth"
 # BiSeNet (CelebAMask-HQ) labels that belong to the face: skin, brows, eyes, glasses, nose, mouth, lips.
 FACE_LABELS = (1, 2, 3, 4, 5, 6, 10, 11, 12, 13)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 MAX_DET_SIDE = 1280  # detect on a downscaled copy of larger images; RetinaFace runs at the given size
 
 
@@ -65,7 +66,7 @@ def _required_file(folder: Path, name: str, what: str) -> Path:
     return path
 
 
-class FacexlibAnalyzer(FaceAnalyzer):
+class FacexlibAnalyzer(AnalyzerBase):
     backend = "facexlib"
 
     def __init__(self, model_dir, device=None, detector: str = "retinaface_resnet50", parsing: bool = False,
@@ -101,7 +102,7 @@ class FacexlibAnalyzer(FaceAnalyzer):
             self.parser = parser.to(self.device).eval()
         for path in (det_path, parse_path):
             if path is not None:
-                _log_licence(path)
+                self.licence = log_licence(path) or self.licence
         self.rec_model = self._load_recognizer(recognizer, providers, device) if recognizer is not None else None
         self.has_recognizer = self.rec_model is not None
 
@@ -155,7 +156,9 @@ class FacexlibAnalyzer(FaceAnalyzer):
             return None
         import torch
 
-        x = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
+        # As facexlib's own inference_parsing: [0, 1] then ImageNet mean/std, at 512x512.
+        x = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)[None].float().div(255.0)
+        x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         with torch.inference_mode():
             labels = self.parser(x.to(self.device))[0].argmax(dim=1)[0].cpu().numpy()
         return np.isin(labels, FACE_LABELS).astype(np.float32)

@@ -9,7 +9,8 @@ import numpy as np
 
 from ..errors import FaceError, HeadsUpError, InputImageError
 from .align import CROP_SIZE, align_face, cv2_module
-from .analyzer import normalise
+from .common import normalise
+from .identity import to_common
 from .types import DetectedFace, Reference
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def encode_reference(images, analyzer, min_similarity: float | None = None) -> R
                             "(frontal, not too small).")
         face = _pick_face(faces, mean)
         if mean is not None and face.embedding is not None:
-            sim = float(face.embedding @ mean)
+            sim = to_common(float(face.embedding @ mean), getattr(analyzer, "identity_kind", "arcface"))
             if min_similarity is not None and sim < min_similarity:
                 raise FaceError(f"Reference {name} does not look like the same person as the earlier photos "
                                 f"(similarity {sim:.2f} < {min_similarity}); give photos of one person only.")
@@ -112,15 +113,16 @@ def _expand(images) -> list[tuple[object, str]]:
 
 
 def as_references(reference, analyzer=None) -> list[Reference]:
-    """Normalise ``pipe.upscale(reference=...)``: None, a Reference, or a list of References and/or photos ->
-    a list of References. Each photo is one person (as the pipeline and CLI treat them); to merge several photos
-    of one person, call ``encode_reference([photo1, photo2], analyzer)`` and pass the result."""
+    """The one reference normaliser (pipeline, CLI, nodes): None, a Reference, a photo (path, PIL, HxWx3 uint8,
+    a 1xHxWxC tensor), or a list of these -> a list of References. Each photo is one person (a group portrait
+    gets one reference per person; a BxHxWxC tensor counts as B people); to merge several photos of one person,
+    call ``encode_reference([photo1, photo2], analyzer)`` and pass the result."""
     if reference is None:
         return []
-    items = list(reference) if isinstance(reference, (list, tuple)) else [reference]
+    items = [r for r, _ in _expand(reference)] if not isinstance(reference, Reference) else [reference]
     if all(isinstance(r, Reference) for r in items):
         return items
     if analyzer is None:
         raise FaceError("Reference photos need a face analyzer to find and align the face; pass face_analyzer= "
-                        "(load_face_analyzer) or choose faces='none' and no reference.")
+                        "(load_face_analyzer, e.g. faces='auto') or give no reference.")
     return [r if isinstance(r, Reference) else encode_reference([r], analyzer) for r in items]

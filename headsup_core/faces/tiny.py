@@ -31,15 +31,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MissingDependencyError
+from .align import ARCFACE_112  # noqa: F401 - re-exported (tests import it from here)
 
 log = logging.getLogger(__name__)
 
 DET_SIZE = 640
 STRIDES = (8, 16, 32)
 NUM_ANCHORS = 2
-# ArcFace 112x112 template (insightface's arcface_dst), used to place the tiny detector's landmarks.
-ARCFACE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
-                        [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float32)
 # Face box relative to a square cell (x1, y1, x2, y2), roughly where SCRFD boxes an ArcFace-aligned crop.
 BOX_IN_CELL = (0.14, 0.10, 0.86, 0.98)
 
