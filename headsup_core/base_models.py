@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import MissingModelError, WeightsError
+from .loading.text_encoder import TEXT_PREFIXES, check_text_tower, single_file_text_loader, text_config, text_layout
 
 log = logging.getLogger("headsup")
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -34,6 +35,34 @@ class BaseModels:
     source: str
     text_encoder_loader: Callable[[], tuple[Any, Any]] | None = None  # -> (tokenizer, text_encoder)
     extra: dict = field(default_factory=dict)
+    layout: str = "diffusers"  # single files: "ldm" (v2-1) or "sgm" (SD-Turbo); "none" without a text encoder
+    fingerprint: str = ""
+
+    @property
+    def cache_key(self) -> str:
+        """Identifies the base for the prompt-embedding cache (weights fingerprint + source)."""
+        return f"{self.fingerprint}:{self.source}"
+
+
+# UNet tensors that no LoRA target and no conv_in widening touches: they identify the base model even after
+# adapters were added (peft keeps base weights), so trained checkpoints can record what they were trained on.
+FINGERPRINT_KEYS = ("time_embedding.linear_1.weight", "time_embedding.linear_2.weight", "conv_norm_out.weight",
+                    "conv_norm_out.bias", "mid_block.resnets.0.norm1.weight")
+
+
+def base_fingerprint(unet) -> str:
+    """A short hash of the base UNet's weights (rounded to fp16, so fp16 and fp32 copies of one model agree)."""
+    import hashlib
+
+    own = dict(unet.named_parameters())
+    h = hashlib.sha256()
+    for key in FINGERPRINT_KEYS:
+        t = own.get(key)
+        if t is None:
+            continue
+        h.update(key.encode())
+        h.update(t.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -80,30 +109,64 @@ def _torch_load_safely(path: str) -> dict:
 
 
 def identify_architecture(sd: dict[str, torch.Tensor]) -> str:
-    """Name the model family of an LDM-layout state dict: sd2, sd1, sdxl, flux, sd3, or unknown."""
+    """Name the model family of an LDM/sgm-layout state dict: sd2, sd1, sdxl, flux, sd3, or unknown.
+
+    Told from tensor names and shapes only (never the file name). SD2 comes in two layouts (see
+    ``identify_layout``); sgm's ``conditioner.embedders.0`` alone is SD-Turbo, not SDXL (SDXL has two
+    embedders and ``label_emb``).
+    """
     keys = sd.keys()
     if any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in keys):
         return "flux"
     if any("joint_blocks." in k for k in keys):
         return "sd3"
-    if any(k.startswith("conditioner.embedders.") for k in keys) or f"{LDM_UNET}label_emb.0.0.weight" in sd:
+    if f"{LDM_UNET}label_emb.0.0.weight" in sd or any(k.startswith("conditioner.embedders.1.") for k in keys):
         return "sdxl"
     proj_in = sd.get(f"{LDM_UNET}input_blocks.1.1.proj_in.weight")
     if proj_in is None:  # small variants put their first attention deeper
         proj_in = next((v for k, v in sd.items() if k.startswith(LDM_UNET) and k.endswith(".proj_in.weight")), None)
     if proj_in is not None:
         return "sd2" if proj_in.ndim == 2 else "sd1"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd1"  # CLIP-L in transformers layout is SD1.x's text encoder
     if f"{LDM_UNET}input_blocks.0.0.weight" in sd:
         return "unknown-unet"
     return "unknown"
 
 
-def _wrong_arch_error(path: str, found: str) -> WeightsError:
+def identify_layout(sd: dict[str, torch.Tensor]) -> str:
+    """Where an SD2 single file keeps its text encoder: 'ldm' (cond_stage_model.model.*: v2-1 512/768),
+    'sgm' (conditioner.embedders.0.model.*: SD-Turbo), or 'none'."""
+    return text_layout(sd.keys()) or "none"
+
+
+def _found(sd: dict) -> str:
+    """A short description of what a state dict holds, for refusals."""
+    keys = sd.keys()
+    parts = []
+    emb = sorted({k.split(".")[2] for k in keys if k.startswith("conditioner.embedders.")})
+    if emb:
+        parts.append(f"{len(emb)} text embedder(s) under conditioner.embedders.{{{','.join(emb)}}}")
+    if f"{LDM_UNET}label_emb.0.0.weight" in sd:
+        parts.append("a UNet label_emb")
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        parts.append("a CLIP-L text encoder (cond_stage_model.transformer.*)")
+    proj = next((v for k, v in sd.items() if k.startswith(LDM_UNET) and k.endswith(".proj_in.weight")), None)
+    if proj is not None and proj.ndim == 4:
+        parts.append("convolutional transformer projections")
+    if any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in keys):
+        parts.append("double_blocks (Flux)")
+    if any("joint_blocks." in k for k in keys):
+        parts.append("joint_blocks (MMDiT)")
+    return "; found " + ", ".join(parts) if parts else ""
+
+
+def _wrong_arch_error(path: str, found: str, sd: dict | None = None) -> WeightsError:
     names = {"sd1": "Stable Diffusion 1.x", "sdxl": "SDXL", "flux": "Flux", "sd3": "SD3",
              "unknown-unet": "an unrecognised UNet", "unknown": "no Stable Diffusion UNet at all"}
     return WeightsError(
-        f"{path} is {names.get(found, found)}, but HeadsUp needs a Stable Diffusion 2.x base (SD2.1-base or "
-        "SD-Turbo, e.g. v2-1_512-ema-pruned.safetensors or sd_turbo.safetensors)."
+        f"{path} is {names.get(found, found)}{_found(sd or {})}, but HeadsUp needs a Stable Diffusion 2.x base "
+        "(SD2.1-base, e.g. v2-1_512-ema-pruned.safetensors)."
     )
 
 
@@ -141,28 +204,39 @@ def _check_shapes(model: torch.nn.Module, state: dict, what: str, path: str) -> 
             )
 
 
-def load_single_file(path: str, prediction_type: str | None = None) -> BaseModels:
+def load_single_file(path: str, prediction_type: str | None = None, configs: dict | None = None) -> BaseModels:
+    """An SD2.x single file (LDM or sgm layout) -> UNet, VAE and a lazy loader for its text encoder.
+
+    ``configs`` overrides the shipped SD2 configs (``{"unet": ..., "vae": ..., "text_encoder": ...}``), for
+    smaller models of the same layout such as the ones ``make-tiny`` writes.
+    """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
     sd, meta = read_state_dict(path)
     arch = identify_architecture(sd)
     if arch != "sd2":
-        raise _wrong_arch_error(path, arch)
-    if TINY_CONFIG_KEY in meta:
+        raise _wrong_arch_error(path, arch, sd)
+    if configs is None and TINY_CONFIG_KEY in meta:
         configs = json.loads(meta[TINY_CONFIG_KEY])
-        unet_cfg, vae_cfg = configs["unet"], configs["vae"]
-    else:
-        unet_cfg = UNet2DConditionModel.load_config(CONFIG_DIR / "sd2" / "unet")
-        vae_cfg = AutoencoderKL.load_config(CONFIG_DIR / "sd2" / "vae")
+    configs = dict(configs or {})
+    unet_cfg = configs.get("unet") or UNet2DConditionModel.load_config(CONFIG_DIR / "sd2" / "unet")
+    vae_cfg = configs.get("vae") or AutoencoderKL.load_config(CONFIG_DIR / "sd2" / "vae")
     if not any(k.startswith("first_stage_model.") for k in sd):
         raise WeightsError(f"{path} has a UNet but no VAE (first_stage_model.*); use a full SD2.x checkpoint.")
+    layout = identify_layout(sd)
+    loader = None
+    if layout != "none":
+        check_text_tower(sd, TEXT_PREFIXES[layout], text_config(configs.get("text_encoder")), path)
+        loader = single_file_text_loader(path, layout, sd, configs.get("text_encoder"))
     unet_sd = convert_ldm_unet_checkpoint(sd, dict(unet_cfg))
     vae_sd = convert_ldm_vae_checkpoint(sd, dict(vae_cfg))
+    pred = prediction_type or meta.get("prediction_type") or guess_prediction_type(sd)
+    del sd
     unet = _build(UNet2DConditionModel, unet_cfg, unet_sd, "UNet", path)
     vae = _build(AutoencoderKL, vae_cfg, vae_sd, "VAE", path)
-    pred = prediction_type or meta.get("prediction_type") or guess_prediction_type(sd)
-    return BaseModels(unet, vae, pred, "sd2", path, text_encoder_loader=None)
+    return BaseModels(unet, vae, pred, "sd2", path, text_encoder_loader=loader, layout=layout,
+                      fingerprint=base_fingerprint(unet))
 
 
 def _check_diffusers_arch(unet, vae, path: str) -> None:
@@ -196,28 +270,37 @@ def load_diffusers_folder(path: str, prediction_type: str | None = None) -> Base
         with open(sched_cfg) as f:
             pred = json.load(f).get("prediction_type")
     loader = None
-    if os.path.isdir(os.path.join(path, "text_encoder")) and os.path.isdir(os.path.join(path, "tokenizer")):
+    if os.path.isdir(os.path.join(path, "text_encoder")):
         def loader(path=path):
             from transformers import CLIPTextModel, CLIPTokenizer
 
-            tok = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
-            enc = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)
+            from .loading.text_encoder import quiet_transformers, sd2_tokenizer
+
+            with quiet_transformers():
+                if os.path.isdir(os.path.join(path, "tokenizer")):
+                    tok = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+                else:
+                    tok = sd2_tokenizer()
+                enc = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)
             return tok, enc.eval()
-    return BaseModels(unet.eval(), vae.eval(), pred or "epsilon", "sd2", path, text_encoder_loader=loader)
+    return BaseModels(unet.eval(), vae.eval(), pred or "epsilon", "sd2", path, text_encoder_loader=loader,
+                      layout="diffusers" if loader else "none", fingerprint=base_fingerprint(unet))
 
 
-def load_base(path: str | os.PathLike, prediction_type: str | None = None) -> BaseModels:
-    """Load an SD2.x base from a diffusers folder or a single ``.safetensors``/``.ckpt`` file (CPU, fp32)."""
+def load_base(path: str | os.PathLike, prediction_type: str | None = None, configs: dict | None = None) -> BaseModels:
+    """Load an SD2.x base from a diffusers folder or a single ``.safetensors``/``.ckpt`` file (CPU, fp32).
+
+    ``configs`` (single files only) overrides the shipped SD2 configs: ``{"unet", "vae", "text_encoder"}``."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise MissingModelError(
             f"Base model not found: {path}. Give a diffusers folder or an SD2.x single file such as "
-            "sd_turbo.safetensors (ComfyUI keeps them in models/checkpoints)."
+            "v2-1_512-ema-pruned.safetensors (ComfyUI keeps them in models/checkpoints)."
         )
     if os.path.isdir(path):
         base = load_diffusers_folder(path, prediction_type)
     elif path.lower().endswith(SINGLE_FILE_SUFFIXES):
-        base = load_single_file(path, prediction_type)
+        base = load_single_file(path, prediction_type, configs)
     else:
         raise WeightsError(f"Unsupported base model file {path}; use .safetensors or .ckpt, or a diffusers folder.")
     if base.prediction_type not in ("epsilon", "v_prediction"):

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .base_models import read_state_dict
+from .base_models import base_fingerprint, read_state_dict
 from .errors import MissingModelError, WeightsError
 from .lora import DEFAULT_LORA_ALPHA, UNET_ADAPTERS, VAE_ADAPTER
 
@@ -217,6 +217,8 @@ def save_headsup_checkpoint(path: str | os.PathLike, unet, vae, metadata: dict |
         "default_color_fix": "adain",
         # Our own choices where the paper is silent (DESIGN §1 "guess"), recorded with the weights.
         "conditioning": "lq_latent+reference_latent+face_mask", "latent_mode": "mode",
+        # The base it was trained on (peft keeps the base weights; these tensors carry no LoRA).
+        "base_fingerprint": base_fingerprint(unet),
     }
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     _atomic_save(lambda tmp: save_file(tensors, tmp, metadata=meta), path)
@@ -236,8 +238,11 @@ def _atomic_save(write, path: str) -> None:
 
 
 def convert_osediff(pkl_path: str | os.PathLike, out_path: str | os.PathLike, in_channels: int = 9,
-                    prompt_embeds: torch.Tensor | None = None) -> str:
-    """Convert an OSEDiff ``.pkl`` to a HeadsUp checkpoint (its conv_in LoRA merged, then widened with zeros)."""
+                    prompt_embeds: torch.Tensor | None = None, base_fingerprint: str | None = None) -> str:
+    """Convert an OSEDiff ``.pkl`` to a HeadsUp checkpoint (its conv_in LoRA merged, then widened with zeros).
+
+    ``prompt_embeds`` (OSEDiff's default conditioning, the base's text encoder on ``", ,"``) is stored so later
+    runs need no text encoder; ``convert_osediff_with_base`` computes it from a base file."""
     from peft import LoraConfig, inject_adapter_in_model
 
     w = load_osediff(os.fspath(pkl_path))
@@ -280,10 +285,53 @@ def convert_osediff(pkl_path: str | os.PathLike, out_path: str | os.PathLike, in
         "timestep": "999", "prediction_type": "epsilon", "in_channels": str(in_channels),
         "default_color_fix": "adain", "converted_from": "osediff",
         "conditioning": "lq_latent+reference_latent+face_mask (zero-initialised: OSEDiff behaviour)",
+        "trained_on": "SD2.1-base (OSEDiff)",
     }
+    if base_fingerprint:
+        meta["base_fingerprint"] = base_fingerprint
+    if prompt_embeds is not None:
+        meta["prompt"] = ", ,"
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().float().contiguous() for k, v in tensors.items()}
     out_path = os.fspath(out_path)
     _atomic_save(lambda tmp: save_file(tensors, tmp, metadata=meta), out_path)
     return out_path
+
+
+def convert_osediff_with_base(pkl_path, out_path, base, in_channels: int = 9) -> str:
+    """``convert_osediff`` storing the default conditioning (``base``'s text encoder on ``", ,"``) and the base's
+    fingerprint, so later runs need no text encoder and warn if used on another base."""
+    from .base_models import load_base
+    from .loading.text_encoder import PromptEncoder, osediff_prompt
+
+    b = load_base(base)
+    if b.text_encoder_loader is None:
+        raise WeightsError(f"{base} has no text encoder, so the default prompt embedding cannot be computed; "
+                           "give an SD2.1-base file that contains one (e.g. v2-1_512-ema-pruned.safetensors).")
+    for warning in base_warnings(b, load_osediff(os.fspath(pkl_path))):
+        import logging
+
+        logging.getLogger("headsup").warning("HeadsUp: %s", warning)
+    embeds = PromptEncoder(b.text_encoder_loader, b.cache_key).encode(osediff_prompt())
+    return convert_osediff(pkl_path, out_path, in_channels, prompt_embeds=embeds, base_fingerprint=b.fingerprint)
+
+
+def base_warnings(base, weights: LoadedWeights) -> list[str]:
+    """Why ``weights`` may not fit ``base`` (BaseModels): OSEDiff weights off SD2.1-base, fingerprint mismatch."""
+    out = []
+    recorded = weights.metadata.get("base_fingerprint")
+    osediff = weights.kind == "osediff" or weights.metadata.get("converted_from") == "osediff"
+    if recorded and base.fingerprint and recorded != base.fingerprint:
+        out.append(f"{weights.path} was made on a base with fingerprint {recorded}, but {base.source} has "
+                   f"{base.fingerprint}: the weights are applied to a different base model than they were trained "
+                   "on, which is untested." + (" OSEDiff weights need SD2.1-base (v2-1_512-ema-pruned)." if osediff else ""))
+    if osediff and not recorded:
+        if base.layout == "sgm":
+            out.append(f"{base.source} is in the sgm layout (SD-Turbo): OSEDiff's weights are LoRA deltas trained on "
+                       "SD2.1-base, and SD-Turbo's UNet is fully fine-tuned, so this is an untested model. Use "
+                       "v2-1_512-ema-pruned.safetensors (SD2.1-base) to get OSEDiff's results.")
+        elif base.prediction_type == "v_prediction":
+            out.append(f"{base.source} is a v-prediction (768-v) SD2 base: OSEDiff's weights were trained on the "
+                       "epsilon-prediction SD2.1-base; use v2-1_512-ema-pruned.safetensors.")
+    return out

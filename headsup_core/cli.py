@@ -46,17 +46,29 @@ def _output_paths(files: list[Path], out: str, scale: float, overwrite: bool) ->
 
 
 def _load_face_analyzer(args, root: Path):
+    """--faces: auto takes an insightface pack, then dlib, then facexlib weights, then none (and says which)."""
     backend = args.faces
-    if backend == "auto":
-        backend = "insightface" if args.reference else "none"
     if backend == "none":
         if args.reference:
-            raise InputImageError("--reference needs face analysis; use --faces insightface or --faces facexlib.")
+            raise InputImageError("--reference needs face analysis; use --faces auto, dlib, insightface or facexlib.")
         return None
     from .faces import load_face_analyzer
+    from .faces.analyzer import load_auto
 
+    if backend == "auto":
+        analyzer = load_auto(insightface_root=args.face_models or root / "insightface",
+                             facexlib_root=args.face_models or root / "facedetection", pack=args.face_pack,
+                             device=args.device)
+        if analyzer is None and args.reference:
+            raise InputImageError("--reference needs face analysis, but no face backend is installed: "
+                                  "pip install dlib-bin face-recognition-models (or add an insightface pack).")
+        if analyzer is not None and not getattr(args, "quiet", False):
+            print(f"faces: {analyzer.auto_note}")
+        return analyzer
     if backend == "insightface":
         folder = args.face_models or root / "insightface"
+    elif backend == "dlib":
+        folder = args.face_models
     else:
         folder = args.face_models or root / "facedetection"
     return load_face_analyzer(backend, model_root=folder, pack=args.face_pack, device=args.device)
@@ -120,9 +132,14 @@ def cmd_make_tiny(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .checkpoint import convert_osediff
+    from .checkpoint import convert_osediff, convert_osediff_with_base
 
-    out = convert_osediff(args.input, args.output)
+    if args.base:
+        out = convert_osediff_with_base(args.input, args.output, args.base)
+    else:
+        log.warning("headsup: no --base given, so no default prompt embedding is stored; runs will need the "
+                    "base's text encoder (give --base <SD2.1-base file> to store it).")
+        out = convert_osediff(args.input, args.output)
     print(f"wrote {out}")
     return 0
 
@@ -149,11 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--weights", help="HeadsUp .safetensors or OSEDiff .pkl (default: first file in headsup/)")
     up.add_argument("--models", help="model root holding checkpoints/, headsup/, insightface/, facedetection/ "
                     "(default $HEADSUP_MODEL_ROOT or ~/.cache/headsup/models)")
-    up.add_argument("--download", action="store_true", help="allow downloading the SD-Turbo base if it is missing")
+    up.add_argument("--download", action="store_true", help="allow downloading the SD2.1-base file if it is missing")
     up.add_argument("--reference", action="append", default=[], metavar="R",
                     help="reference photo of a person in the image; repeat for group photos (one per person)")
-    up.add_argument("--faces", choices=["auto", "insightface", "facexlib", "none"], default="auto",
-                    help="face analysis backend (default: insightface when a reference is given, else none)")
+    up.add_argument("--faces", choices=["auto", "insightface", "dlib", "facexlib", "none"], default="auto",
+                    help="face analysis (face mask + references). auto (default): an installed insightface pack, "
+                         "then dlib (pip install dlib-bin face-recognition-models), then facexlib weights, "
+                         "then none; it prints which one and its licence")
     up.add_argument("--face-models", type=Path, help="insightface root (with models/<pack>/) or facexlib folder")
     up.add_argument("--face-pack", help="insightface pack name, e.g. antelopev2 or buffalo_l (default: auto)")
     up.add_argument("--tile-size", type=int, help="tile edge in output pixels (default: chosen per device)")
@@ -161,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="colour correction against the input (default adain)")
     up.add_argument("--strength", type=float, default=1.0,
                     help="fidelity <-> detail: 1 = full restoration, lower stays closer to the input (default 1)")
-    up.add_argument("--prompt", help="optional text prompt (needs a diffusers-folder base with a text encoder)")
+    up.add_argument("--prompt", help="optional text prompt P, encoded in OSEDiff's form \", P,\" with the base's "
+                    "text encoder (default: OSEDiff's \", ,\" or the embedding stored in the weights)")
     up.add_argument("--seed", type=int, default=0, help="seed, used only with --sample-latent")
     up.add_argument("--sample-latent", action="store_true",
                     help="sample the VAE posterior like OSEDiff instead of its mode (non-deterministic per seed)")
@@ -183,12 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Convert OSEDiff weights (.pkl, read safely) to the HeadsUp format.")
     conv.add_argument("input", metavar="IN.pkl", help="OSEDiff checkpoint")
     conv.add_argument("-o", "--output", required=True, metavar="OUT.safetensors", help="HeadsUp checkpoint to write")
+    conv.add_argument("--base", help="SD2.1-base file or folder: store its text encoder's embedding of OSEDiff's "
+                      "default prompt \", ,\" and its fingerprint, so runs need no text encoder")
     conv.set_defaults(func=cmd_convert)
 
     doc = sub.add_parser("doctor", help="show which models were found where, and what is missing",
                          description="Report models, optional packages, devices and licences.")
     doc.add_argument("--models", help="model root (default $HEADSUP_MODEL_ROOT or ~/.cache/headsup/models)")
-    doc.add_argument("--download", action="store_true", help="download the SD-Turbo base if it is missing")
+    doc.add_argument("--download", action="store_true", help="download the SD2.1-base file if it is missing")
     doc.set_defaults(func=cmd_doctor)
 
     for name in EXTENSION_MODULES:

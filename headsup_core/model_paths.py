@@ -2,7 +2,8 @@
 
 Layout under the root (the same names ComfyUI uses under ``models/``)::
 
-    checkpoints/      SD2.x base single files (sd_turbo.safetensors, v2-1_512-ema-pruned.safetensors)
+    checkpoints/      SD2.x base single files (v2-1_512-ema-pruned.safetensors: SD2.1-base, what OSEDiff's weights
+                      were trained on; sd_turbo.safetensors loads too but is a different, untested model for them)
     diffusers/        SD2.x bases in diffusers layout
     headsup/          HeadsUp .safetensors and OSEDiff .pkl weights
     insightface/models/<pack>/*.onnx
@@ -17,8 +18,10 @@ from pathlib import Path
 
 from .errors import MissingModelError
 
-BASE_CANDIDATES = ("sd_turbo.safetensors", "v2-1_512-ema-pruned.safetensors", "v2-1_512-nonema-pruned.safetensors")
-HUB_BASE = ("stabilityai/sd-turbo", "sd_turbo.safetensors")
+# SD2.1-base first: OSEDiff's LoRA deltas were trained on it (EMA). SD-Turbo is only a last resort: its UNet is
+# fully fine-tuned, so OSEDiff/HeadsUp weights on it are an untested model (a warning says so at load time).
+BASE_CANDIDATES = ("v2-1_512-ema-pruned.safetensors", "v2-1_512-nonema-pruned.safetensors", "sd_turbo.safetensors")
+HUB_BASE = ("stabilityai/stable-diffusion-2-1-base", "v2-1_512-ema-pruned.safetensors")
 SUBFOLDERS = ("checkpoints", "diffusers", "headsup", "insightface/models", "facedetection")
 
 
@@ -62,12 +65,12 @@ def resolve_base(base: str | None, root: Path, download: bool = False) -> Path:
         return download_base(root)
     raise MissingModelError(
         f"No base model given and none found: expected {root / 'checkpoints' / BASE_CANDIDATES[0]} (or "
-        f"{BASE_CANDIDATES[1]}). Pass --base PATH, set HEADSUP_MODEL_ROOT, or add --download to fetch SD-Turbo."
+        f"{BASE_CANDIDATES[1]}). Pass --base PATH, set HEADSUP_MODEL_ROOT, or add --download to fetch SD2.1-base."
     )
 
 
 def download_base(root: Path) -> Path:
-    """Opt-in: fetch SD-Turbo's single file into ``root/checkpoints``. Fails with a clear message offline."""
+    """Opt-in: fetch SD2.1-base's single file into ``root/checkpoints``. Fails with a clear message offline."""
     repo, filename = HUB_BASE
     target = root / "checkpoints"
     try:

@@ -57,27 +57,43 @@ def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 class HeadsUpPipeline:
-    def __init__(self, model: HeadsUpModel, text_encoder_loader: Callable | None = None, source: dict | None = None):
+    def __init__(self, model: HeadsUpModel, text_encoder_loader: Callable | None = None, source: dict | None = None,
+                 tag_source: Callable | None = None):
+        from .loading.text_encoder import PromptEncoder
+
         self.model = model
         self._text_encoder_loader = text_encoder_loader
-        self._text_encoder = None
         self.source = dict(source or {})
+        key = self.source.get("base_key") or self.source.get("base") or f"pipeline-{id(self)}"
+        self.prompt_encoder = PromptEncoder(text_encoder_loader, key) if text_encoder_loader is not None else None
+        # Optional tag source (the paper's "language description extraction"): LQ image (1x3xHxW, 0..1) -> tags,
+        # put into OSEDiff's prompt form f"{tags}, {prompt},". None ships; see docs/README "Prompt and tags".
+        self.tag_source = tag_source
 
     # ----------------------------------------------------------------------------------------------- loading
     @classmethod
     def from_files(cls, base, weights=None, device=None, dtype=None, prediction_type: str | None = None,
-                   sample_latent: bool = False) -> "HeadsUpPipeline":
-        """Load the SD2.x ``base`` (diffusers folder or single file) and HeadsUp/OSEDiff ``weights``."""
+                   sample_latent: bool = False, configs: dict | None = None,
+                   tag_source: Callable | None = None) -> "HeadsUpPipeline":
+        """Load the SD2.x ``base`` (diffusers folder or single file) and HeadsUp/OSEDiff ``weights``.
+
+        Conditioning (OSEDiff's): the embedding stored in the weights, else the base's text encoder applied to
+        ``", ,"`` (OSEDiff's prompt form with no tags and no prompt). ``configs`` overrides the shipped SD2
+        configs for single files (``{"unet", "vae", "text_encoder"}``).
+        """
         from .base_models import load_base, widen_conv_in
-        from .checkpoint import apply_weights, load_weights
+        from .checkpoint import apply_weights, base_warnings, load_weights
         from .licences import describe_licence
+        from .loading.text_encoder import PromptEncoder, osediff_prompt
 
         dev = devices.pick_device(device)
         dt = devices.pick_dtype(dtype, dev)
-        base_models = load_base(base, prediction_type)
+        base_models = load_base(base, prediction_type, configs=configs)
         pred, timestep, embeds, meta = base_models.prediction_type, 999, None, {}
         if weights is not None:
             loaded = load_weights(weights)
+            for warning in base_warnings(base_models, loaded):
+                log.warning("HeadsUp: %s", warning)
             apply_weights(base_models.unet, base_models.vae, loaded)
             meta, embeds, timestep = dict(loaded.metadata), loaded.prompt_embeds, loaded.timestep
             if loaded.kind == "headsup" and prediction_type is None:
@@ -91,10 +107,23 @@ class HeadsUpPipeline:
                 note = describe_licence(str(path))
                 if note:
                     log.info(note)
+        loader = base_models.text_encoder_loader
+        if embeds is None:
+            if loader is not None:
+                embeds = PromptEncoder(loader, base_models.cache_key).encode(osediff_prompt())
+            else:
+                log.warning(
+                    "HeadsUp: WARNING: no text conditioning. The weights store no prompt embedding and the base %s "
+                    "has no text encoder, so the UNet gets an all-zero embedding, which OSEDiff never saw (every "
+                    "cross-attention layer then outputs a constant). Fix: use a base file that contains its text "
+                    "encoder (e.g. v2-1_512-ema-pruned.safetensors), or store the embedding once with "
+                    "`headsup convert-osediff IN.pkl -o OUT.safetensors --base <SD2.1-base file>`.", base)
         model = HeadsUpModel(base_models.vae, base_models.unet, pred, timestep, embeds, sample_latent, meta)
         model.requires_grad_(False).eval()
         model.to(device=dev, dtype=dt)
-        return cls(model, base_models.text_encoder_loader, {"base": str(base), "weights": str(weights)})
+        return cls(model, loader, {"base": str(base), "weights": str(weights), "base_key": base_models.cache_key,
+                                   "base_layout": base_models.layout, "base_fingerprint": base_models.fingerprint},
+                   tag_source=tag_source)
 
     def to(self, device=None, dtype=None) -> "HeadsUpPipeline":
         self.model.to(device=device, dtype=dtype)
@@ -111,19 +140,18 @@ class HeadsUpPipeline:
     # ----------------------------------------------------------------------------------------------- prompt
     @torch.no_grad()
     def encode_prompt(self, text: str) -> torch.Tensor:
-        if self._text_encoder_loader is None:
+        """Encode ``text`` as it is with the base's text encoder (loaded for this and freed after; cached)."""
+        if self.prompt_encoder is None:
             raise HeadsUpError(
-                "A text prompt needs the base model's text encoder, which is only loaded from a diffusers folder "
-                "base; use a diffusers folder, or pass prompt_embeds / a ComfyUI CONDITIONING instead."
+                "A text prompt needs the base model's text encoder, and this base has none. Use an SD2.x base "
+                "file that contains its text encoder (e.g. v2-1_512-ema-pruned.safetensors) or a diffusers folder "
+                "with text_encoder/, or pass prompt_embeds / a ComfyUI CONDITIONING instead."
             )
-        if self._text_encoder is None:
-            self._text_encoder = self._text_encoder_loader()
-        tokenizer, encoder = self._text_encoder
-        ids = tokenizer(text, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
-                        return_tensors="pt").input_ids
-        return encoder(ids)[0].float()
+        return self.prompt_encoder.encode(text)
 
-    def _prompt_embeds(self, prompt, prompt_embeds) -> torch.Tensor:
+    def _prompt_embeds(self, prompt, prompt_embeds, tags: str | None = None) -> torch.Tensor:
+        from .loading.text_encoder import osediff_prompt
+
         if prompt_embeds is not None:
             embeds = torch.as_tensor(prompt_embeds).float()
             if embeds.ndim == 2:
@@ -134,8 +162,9 @@ class HeadsUpPipeline:
                     f"{self.model.cross_attention_dim} (use the SD2.x text encoder that matches the base)."
                 )
             return embeds
-        if prompt:
-            return self.encode_prompt(prompt)
+        if prompt or tags:
+            # OSEDiff's form: a user prompt P is encoded as ", P," (with tags T: "T, P,").
+            return self.encode_prompt(osediff_prompt(prompt, tags))
         return self.model.default_prompt_embeds
 
     # ----------------------------------------------------------------------------------------------- faces
@@ -160,7 +189,7 @@ class HeadsUpPipeline:
                 tile_size: int | None = None, color_fix: str = "adain", seed: int = 0, *,
                 prompt_embeds=None, face_analyzer=None, progress: Callable[[int, int], Any] | None = None,
                 return_info: bool = False, strength: float = 1.0, match_threshold: float | None = None,
-                mask_without_reference: bool = True):
+                mask_without_reference: bool = True, tag_source: Callable | None = None):
         """Upscale ``image`` (PIL, HxWxC uint8 numpy, or BxHxWxC float tensor); the result is the same kind."""
         scale = check_scale(scale)
         if color_fix not in COLOR_FIX_MODES:
@@ -169,7 +198,8 @@ class HeadsUpPipeline:
             raise InputImageError(f"strength must be between 0 and 1, got {strength}.")
         batch = to_batch(image)
         refs = self._references(reference, face_analyzer)
-        embeds = self._prompt_embeds(prompt, prompt_embeds)
+        tag_source = tag_source or self.tag_source
+        embeds = None if tag_source is not None and prompt_embeds is None else self._prompt_embeds(prompt, prompt_embeds)
         plan = self.plan_tiles(tile_size)
         h, w = batch.size
         oh, ow = output_size(h, w, scale)
@@ -183,7 +213,10 @@ class HeadsUpPipeline:
 
         outputs, masks, assignments, timings = [], [], [], []
         for i in range(batch.rgb.shape[0]):
-            emb = embeds[i:i + 1] if embeds.shape[0] == batch.rgb.shape[0] else embeds[:1]
+            if embeds is None:  # per-image tags from the tag source
+                emb = self._prompt_embeds(prompt, None, tags=tag_source(batch.rgb[i:i + 1]))
+            else:
+                emb = embeds[i:i + 1] if embeds.shape[0] == batch.rgb.shape[0] else embeds[:1]
             out, mask, assigned, timing = self._upscale_one(
                 batch.rgb[i:i + 1], (oh, ow), refs, emb, plan, color_fix, seed, face_analyzer, tick,
                 float(strength), match_threshold, mask_without_reference)

@@ -116,31 +116,57 @@ def vae_to_ldm(state: dict, cfg: dict) -> dict:
     return out
 
 
-def _write_tokenizer(folder: Path) -> None:
-    """A tiny but real CLIP BPE tokenizer: byte-level symbols, no merges."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    folder.mkdir(parents=True, exist_ok=True)
-    symbols = list(bytes_to_unicode().values())
-    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
-    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77, "pad_token": "<|endoftext|>"}))
+TINY_TEXT = {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 2, "max_position_embeddings": 77, "projection_dim": 32, "hidden_act": "gelu",
+             "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1, "layer_norm_eps": 1e-5}
 
 
-def _write_diffusers_base(folder: Path, unet, vae) -> None:
+def _tiny_text_encoder(seed: int):
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    return CLIPTextModel(CLIPTextConfig(**TINY_TEXT)).eval()
+
+
+def text_encoder_to_openclip(state: dict, prefix: str, extra_blocks: int = 1, seed: int = 0) -> dict:
+    """transformers ``CLIPTextModel`` tensors -> an OpenCLIP text tower under ``prefix`` (the layout of SD2
+    single files), plus ``extra_blocks`` random blocks after them: SD2 files carry 24 blocks and use 23."""
+    state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    width = state["embeddings.token_embedding.weight"].shape[1]
+    gen = torch.Generator().manual_seed(seed)
+    out = {prefix + "token_embedding.weight": state["embeddings.token_embedding.weight"],
+           prefix + "positional_embedding": state["embeddings.position_embedding.weight"],
+           prefix + "ln_final.weight": state["final_layer_norm.weight"],
+           prefix + "ln_final.bias": state["final_layer_norm.bias"],
+           prefix + "text_projection": torch.randn(width, width, generator=gen) * width ** -0.5,
+           prefix + "logit_scale": torch.tensor(4.6052)}
+    layers = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.layers.")})
+    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+             "self_attn.out_proj": "attn.out_proj"}
+    for i in layers:
+        src, dst = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{kind}"] = torch.cat([state[f"{src}self_attn.{p}_proj.{kind}"] for p in "qkv"])
+            for a, b in names.items():
+                out[f"{dst}{b}.{kind}"] = state[f"{src}{a}.{kind}"]
+    last = layers[-1]
+    for j in range(1, extra_blocks + 1):  # the unused last block(s): random, so a loader that used them would differ
+        for key in [k for k in out if k.startswith(f"{prefix}transformer.resblocks.{last}.")]:
+            new = key.replace(f"resblocks.{last}.", f"resblocks.{last + j}.")
+            out[new] = torch.randn(out[key].shape, generator=gen) * 0.1 + (1.0 if "ln_" in key and "weight" in key else 0.0)
+    return out
+
+
+def _write_diffusers_base(folder: Path, unet, vae, text) -> None:
+    from .loading.text_encoder import quiet_transformers, write_tokenizer_files
 
     unet.save_pretrained(folder / "unet", safe_serialization=True)
     vae.save_pretrained(folder / "vae", safe_serialization=True)
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(TINY_SCHEDULER, indent=1))
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=516, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=2, max_position_embeddings=77, projection_dim=32,
-                                        bos_token_id=512, eos_token_id=513, pad_token_id=513))
-    text.save_pretrained(folder / "text_encoder", safe_serialization=True)
-    _write_tokenizer(folder / "tokenizer")
+    with quiet_transformers():
+        text.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    write_tokenizer_files(folder / "tokenizer")  # the real SD2 tokenizer (CLIP BPE, padded with "!")
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
                                                          "note": "tiny random test model written by headsup make-tiny"}))
 
@@ -165,11 +191,18 @@ def make_tiny(folder: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     unet, vae = _tiny_models(seed)
-    _write_diffusers_base(folder / "base", unet, vae)
+    text = _tiny_text_encoder(seed + 7)
+    _write_diffusers_base(folder / "base", unet, vae, text)
     ldm = {**unet_to_ldm(unet.state_dict(), TINY_UNET), **vae_to_ldm(vae.state_dict(), TINY_VAE)}
-    meta = {TINY_CONFIG_KEY: json.dumps({"unet": dict(unet.config), "vae": dict(vae.config)}),
-            "prediction_type": "epsilon"}
-    save_file({k: v.contiguous() for k, v in ldm.items()}, str(folder / "base.safetensors"), metadata=meta)
+    configs = {"unet": dict(unet.config), "vae": dict(vae.config), "text_encoder": dict(TINY_TEXT)}
+    meta = {TINY_CONFIG_KEY: json.dumps(configs), "prediction_type": "epsilon"}
+    # Both real single-file layouts: LDM (v2-1_512-ema-pruned: cond_stage_model.model.*) and sgm (sd_turbo:
+    # conditioner.embedders.0.model.*), each with its OpenCLIP text tower (one unused extra block, as SD2's).
+    for name, prefix in (("base.safetensors", "cond_stage_model.model."),
+                         ("base_sgm.safetensors", "conditioner.embedders.0.model.")):
+        tensors = {**ldm, **text_encoder_to_openclip(text.state_dict(), prefix, seed=seed + 8)}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / name), metadata=meta)
+    (folder / "configs.json").write_text(json.dumps(configs, indent=1))
 
     # OSEDiff .pkl: adapters on the 4-channel UNet (conv_in included), saved the way OSEDiff's save_model does.
     o_unet, o_vae = _tiny_models(seed)
@@ -197,6 +230,7 @@ def make_tiny(folder: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
     save_headsup_checkpoint(folder / "headsup.safetensors", h_unet, h_vae, {"note": "tiny random test weights"},
                             prompt_embeds=embeds)
     paths = {"root": folder, "base": folder / "base", "base_single": folder / "base.safetensors",
+             "base_sgm": folder / "base_sgm.safetensors", "configs": folder / "configs.json",
              "headsup": folder / "headsup.safetensors", "osediff": folder / "osediff.pkl"}
     try:
         from .faces.tiny import write_tiny_face_models

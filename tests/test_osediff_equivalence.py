@@ -9,6 +9,7 @@ is HeadsUp's deterministic default (OSEDiff samples it).
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -67,6 +68,39 @@ def test_one_step_output_matches_osediff_reference(tiny_models):
     assert diff < 1e-4, f"max abs difference {diff}"
     # And the model is not a no-op: the output differs clearly from its input.
     assert (ours - up).abs().mean().item() > 1e-2
+
+
+def _osediff_text_embeds(base_dir, prompt: str) -> torch.Tensor:
+    """OSEDiff's ``encode_prompt``: the diffusers folder's own tokenizer and text encoder, no headsup code."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(base_dir, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(base_dir, subfolder="text_encoder")
+    ids = tokenizer(prompt, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        return text_encoder(ids)[0]
+
+
+@pytest.mark.parametrize("single", ["base_single", "base_sgm"])
+@pytest.mark.parametrize("prompt", [None, "a man"])
+def test_single_file_with_its_text_encoder_matches_osediff(tiny_models, single, prompt):
+    """On each single-file layout (LDM, sgm), with no prompt our output is OSEDiff's with the prompt ", ,"
+    (OSEDiff's f"{tags}, {prompt}," with no tags), and with a prompt P it is OSEDiff's with ", P,"."""
+    torch.manual_seed(1)
+    up = F.interpolate(torch.rand(1, 3, 16, 24), scale_factor=4, mode="bicubic", align_corners=False).clamp(0, 1)
+    osediff_text = f", {prompt}," if prompt else ", ,"
+    embeds = _osediff_text_embeds(tiny_models["base"], osediff_text)
+    reference = (_osediff_reference(tiny_models["base"], tiny_models["osediff"], up * 2 - 1, embeds) + 1) / 2
+
+    pipe = HeadsUpPipeline.from_files(tiny_models[single], tiny_models["osediff"], device="cpu", dtype="fp32")
+    ours = pipe.upscale(up.permute(0, 2, 3, 1), scale=1.0, color_fix="none", prompt=prompt, tile_size=4096)
+    diff = (ours.permute(0, 3, 1, 2) - reference).abs().max().item()
+    assert diff < 1e-4, f"max abs difference {diff}"
+    # The conditioning matters: with an all-zero embedding the output is clearly different.
+    zero = pipe.upscale(up.permute(0, 2, 3, 1), scale=1.0, color_fix="none", prompt_embeds=torch.zeros(1, 77, 32),
+                        tile_size=4096)
+    assert (zero - ours).abs().max().item() > 1e-3
 
 
 def test_alpha_bar_999_matches_sd_schedule():
