@@ -136,3 +136,40 @@ def test_mask_is_drawn_without_reference(dlib_faces, t1, tiny_pipe):
     lq = cv2.resize(t1, (320, 222), interpolation=cv2.INTER_AREA)
     cond = build_face_condition(lq, (222, 320), dlib_faces)
     assert cond.assignments and float(cond.mask.max()) > 0.99 and not cond.has_reference
+
+
+def test_dataset_build_cli_default_faces_on_real_photos(t1, tmp_path, capsys):
+    """`headsup dataset build` with no --faces: auto -> dlib finds the faces, measures eye distances and links the
+    same people across photos into identity groups and reference pairs."""
+    import json
+
+    from PIL import Image
+
+    from headsup_core.cli import main
+
+    from headsup_core.faces import dlib_backend
+
+    if not dlib_backend.available():
+        pytest.skip("face-recognition-models is not installed")
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(t1).save(src / "group.jpg", quality=95)
+    mirrored = np.clip(t1[:, ::-1].astype(np.float32) * (1.1, 1.0, 0.9) + 8, 0, 255).astype(np.uint8)
+    Image.fromarray(mirrored).resize((1100, 761), Image.LANCZOS).save(src / "group_mirrored.png")
+    Image.fromarray(skdata.astronaut()).save(src / "astronaut.png")
+    Image.fromarray(skdata.coffee()).save(src / "coffee.png")
+    out = tmp_path / "out"
+    rc = main(["dataset", "build", str(src), str(out), "--min-size", "400x300", "--min-eye-distance", "20",
+               "--quality-metric", "none", "--no-progress"])
+    assert rc == 0
+    recs = {Path(r["path"]).name: r for r in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
+    assert len(recs["group.jpg"]["faces"]) == 6 and len(recs["group_mirrored.png"]["faces"]) == 6
+    assert recs["coffee.png"]["faces"] == [] and recs["coffee.png"]["reject"] == "face"
+    eyes = [f["eye_distance"] for f in recs["group.jpg"]["faces"]]
+    assert all(25 < e < 80 for e in eyes), eyes
+    ids = [f["identity"] for f in recs["group.jpg"]["faces"]]
+    assert len(set(ids)) == 6  # six people
+    assert sorted(ids) == sorted(f["identity"] for f in recs["group_mirrored.png"]["faces"])  # the same six
+    assert recs["astronaut.png"]["faces"][0]["identity"] not in ids
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["identity_model"] == "dlib_resnet_v1" and summary["pairs"]["train"] + summary["pairs"]["test"] == 12

@@ -100,15 +100,17 @@ def register(subparsers) -> None:
     b.add_argument("--quality-percentile", type=float, default=10.0, metavar="P",
                    help="reject the worst P percent by quality (default 10)")
     b.add_argument("--ref-similarity", type=float, default=0.65, metavar="COS",
-                   help="ArcFace cosine for two faces to be the same person (default 0.65)")
+                   help="identity similarity for two faces to be the same person, on the common scale of "
+                        "headsup_core.faces.identity (ArcFace cosine; other models calibrated to it) (default 0.65)")
     b.add_argument("--near-dup-bits", type=int, default=6, metavar="N",
                    help="perceptual-hash Hamming distance (of 64 bits) counted as a near duplicate (default 6)")
     b.add_argument("--test-fraction", type=float, default=0.1, metavar="F",
                    help="fraction of images in the identity-disjoint test split (default 0.1)")
     b.add_argument("--detect-size", type=int, default=1600, metavar="PX",
                    help="faces are detected on a copy with this long side (default 1600)")
-    b.add_argument("--faces", default="insightface", choices=["insightface", "facexlib", "none"],
-                   help="face backend (default insightface; facexlib has no identity embeddings)")
+    b.add_argument("--faces", default="auto", choices=["auto", "insightface", "dlib", "facexlib", "none"],
+                   help="face backend (default auto: an installed insightface pack, else dlib from the registry, "
+                        "else facexlib; facexlib has no identity embeddings)")
     b.add_argument("--face-models", metavar="DIR", help="face model root (insightface: folder with models/<pack>)")
     b.add_argument("--face-pack", metavar="NAME", help="insightface pack name (default antelopev2/buffalo_l)")
     b.add_argument("--device", help="device for quality and face models (cpu, cuda, cuda:1)")

@@ -130,6 +130,8 @@ def analyse_image(path: Path, opts: BuildOptions, analyzer, scorer) -> dict:
                       "eye_distance": round(float(np.linalg.norm(kps[1] - kps[0])), 2),
                       "embedding": _enc(getattr(f, "embedding", None))})
     rec["faces"] = faces
+    if analyzer is not None and getattr(analyzer, "has_recognizer", False):
+        rec["identity_model"] = getattr(analyzer, "identity_kind", "arcface")
     if scorer is not None:
         rec["quality"] = float(scorer(_downscale(rgb, opts.quality_size)[0]))
     return rec
@@ -197,12 +199,16 @@ class _UnionFind:
             self.p[max(ra, rb)] = min(ra, rb)
 
 
-def group_identities(face_img: np.ndarray, emb: np.ndarray, thr: float, chunk: int = 4096):
-    """Cross-image face links (cosine >= thr), face identity ids (connected components) and the link list."""
+def group_identities(face_img: np.ndarray, emb: np.ndarray, thr: float, chunk: int = 4096,
+                     identity_kind: str = "arcface"):
+    """Cross-image face links (identity similarity >= thr on the common scale of ``faces.identity``), face
+    identity ids (connected components) and the link list."""
+    from ..faces.identity import to_common
+
     n = len(face_img)
     uf, links = _UnionFind(n), []
     for a in range(0, n, chunk):
-        sim = emb[a:a + chunk] @ emb.T
+        sim = to_common(emb[a:a + chunk] @ emb.T, identity_kind)
         for i, j in zip(*np.nonzero(sim >= thr)):
             i = int(i) + a
             if j > i and face_img[i] != face_img[j]:
@@ -333,7 +339,9 @@ def apply_rules(recs: list[dict], opts: BuildOptions, q_note: str) -> dict:
             e = _dec(f.get("embedding"))
             if e is not None and f["eye_distance"] >= opts.min_eye_distance:
                 fimg.append(i), fidx.append(k), embs.append(e / max(np.linalg.norm(e), 1e-8))
-    ids, links = group_identities(np.array(fimg), np.stack(embs), opts.ref_similarity) if embs else ([], [])
+    kind = next((recs[i]["identity_model"] for i in kept if recs[i].get("identity_model")), "arcface")
+    ids, links = (group_identities(np.array(fimg), np.stack(embs), opts.ref_similarity, identity_kind=kind)
+                  if embs else ([], []))
     img_uf = _UnionFind(len(recs))
     for a, b, _ in links:
         img_uf.union(fimg[a], fimg[b])
@@ -357,7 +365,7 @@ def apply_rules(recs: list[dict], opts: BuildOptions, q_note: str) -> dict:
     counts = {rule: sum(1 for r in recs if r.get("reject") == rule) for rule in RULES}
     return {"total": len(recs), "kept": len(kept), "rejected": counts, "quality": q_note, "quality_cutoff": cutoff,
             "train": sum(1 for i in kept if split[i] == "train"), "test": sum(1 for i in kept if split[i] == "test"),
-            "identities": len(set(ids)), "pairs": pairs,
+            "identities": len(set(ids)), "pairs": pairs, "identity_model": kind if embs else None,
             "identity_note": None if embs or not kept else "no face embeddings (detector without recognizer): "
                                                              "split is per image, no reference pairs",
             "options": {k: v for k, v in asdict(opts).items() if k != "device"}}
