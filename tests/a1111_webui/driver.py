@@ -82,7 +82,12 @@ def main():
     def extras(upscale, headsup):
         shared.state.begin(job="extras")
         pp = scripts_postprocessing.PostprocessedImage(image.copy())
-        args = runner.create_args_for_run({"Upscale": upscale, "HeadsUp": headsup})
+        runner.create_args_for_run({})  # builds the UI once; then the controls' defaults fill what is not given
+        named = {s.name: s for s in runner.scripts_in_preferred_order()}
+        given = {"Upscale": upscale, "HeadsUp": headsup}
+        given = {k: {**{n: getattr(c, "value", None) for n, c in named[k].controls.items()}, **v}
+                 for k, v in given.items()}
+        args = runner.create_args_for_run(given)
         runner.run(pp, args)
         shared.state.end()
         n = len(passes)

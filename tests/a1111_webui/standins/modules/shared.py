@@ -40,7 +40,8 @@ class Options:
 
 
 opts = Options({"ESRGAN_tile": 192, "ESRGAN_tile_overlap": 8, "upscaling_max_images_in_cache": 5,
-                "postprocessing_operation_order": [], "postprocessing_enable_in_main_ui": [],
+                "postprocessing_operation_order": [], "postprocessing_disable_in_extras": [],
+                "postprocessing_enable_in_main_ui": [],
                 "enable_upscale_progressbar": False})
 
 
