@@ -173,3 +173,19 @@ def test_dataset_build_cli_default_faces_on_real_photos(t1, tmp_path, capsys):
     assert recs["astronaut.png"]["faces"][0]["identity"] not in ids
     summary = json.loads((out / "summary.json").read_text())
     assert summary["identity_model"] == "dlib_resnet_v1" and summary["pairs"]["train"] + summary["pairs"]["test"] == 12
+
+
+def test_eval_id_similarity_uses_gt_landmarks_and_counts_missed_faces(dlib_faces, t1):
+    """A face destroyed in the 'SR' image is still measured (at the GT's landmarks) and counted as missed."""
+    from headsup_core.eval.metrics import face_metrics
+
+    gt = np.ascontiguousarray(t1[150:500, 0:600])
+    means, rows = face_metrics(gt, gt, dlib_faces)
+    assert means["faces"] >= 3 and means["faces_missed"] == 0
+    assert all(r["id_sim"] > 0.95 for r in rows)
+    sr = gt.copy()
+    x1, y1, x2, y2 = (int(v) for v in rows[0]["box"])
+    sr[y1:y2, x1:x2] = cv2.GaussianBlur(sr[y1:y2, x1:x2], (0, 0), 6)  # the model lost this face
+    worse, rows2 = face_metrics(sr, gt, dlib_faces)
+    assert worse["faces"] == means["faces"] and worse["faces_missed"] >= 1
+    assert rows2[0]["id_sim"] is not None and rows2[0]["id_sim"] < rows[0]["id_sim"]

@@ -253,13 +253,20 @@ def _iou(a, b) -> float:
 
 def face_metrics(sr_u8: np.ndarray, gt_u8: np.ndarray, analyzer, suite: MetricSuite | None = None,
                  gt_faces=None, margin: float = 0.2) -> tuple[dict, list[dict]]:
-    """ID similarity (ArcFace cosine, SR vs GT face) and face-region PSNR/LPIPS on the GT's detected faces.
+    """ID similarity (SR vs GT identity) and face-region PSNR/LPIPS on the GT's detected faces.
 
-    Faces are matched by box IoU (> 0.3) between the two detections. Returns the per-image means and one
-    dict per GT face. A face the SR detection misses counts in face PSNR/LPIPS but not in ID similarity.
+    The SR face is described at the GT face's landmarks (``analyzer.embed(sr, gt_kps)``), so a face the model
+    blurred or distorted is still measured, never dropped; ID similarity is on the common identity scale of
+    ``faces.identity`` (ArcFace cosine; other identity models calibrated to it). The SR image is also run through
+    the detector: ``sr_detected`` per face (a detection with box IoU > 0.3) and ``faces_missed`` in the means
+    count the faces the detector no longer finds in the SR output.
     """
+    from ..faces.identity import to_common
+
     gt_faces = analyzer.detect(gt_u8) if gt_faces is None else gt_faces
     sr_faces = analyzer.detect(sr_u8) if gt_faces else []
+    kind = getattr(analyzer, "identity_kind", "arcface")
+    embed = getattr(analyzer, "embed", None)
     h, w = gt_u8.shape[:2]
     rows = []
     for i, gf in enumerate(gt_faces):
@@ -275,14 +282,18 @@ def face_metrics(sr_u8: np.ndarray, gt_u8: np.ndarray, analyzer, suite: MetricSu
             if suite is not None and "lpips" in suite.models:
                 row["face_lpips"] = suite._run("lpips", a, b)
         best = max(sr_faces, key=lambda f: _iou(f.bbox, gf.bbox), default=None)
-        if best is not None and _iou(best.bbox, gf.bbox) > 0.3 and best.embedding is not None \
-                and gf.embedding is not None:
-            ea, eb = np.asarray(best.embedding, np.float64), np.asarray(gf.embedding, np.float64)
-            row["id_sim"] = float(ea @ eb / (np.linalg.norm(ea) * np.linalg.norm(eb) + 1e-12))
+        row["sr_detected"] = best is not None and _iou(best.bbox, gf.bbox) > 0.3
+        sr_emb = embed(np.ascontiguousarray(sr_u8), gf.kps) if embed is not None else None
+        if sr_emb is None and row["sr_detected"]:  # an analyzer without embed(): the detected SR face
+            sr_emb = best.embedding
+        if sr_emb is not None and gf.embedding is not None:
+            ea, eb = np.asarray(sr_emb, np.float64), np.asarray(gf.embedding, np.float64)
+            row["id_sim"] = to_common(float(ea @ eb / (np.linalg.norm(ea) * np.linalg.norm(eb) + 1e-12)), kind)
         rows.append(row)
     means = {}
     for key in FACE_METRICS:
         vals = [r[key] for r in rows if r[key] is not None]
         means[key] = float(np.mean(vals)) if vals else None
     means["faces"] = len(rows)
+    means["faces_missed"] = sum(1 for r in rows if not r["sr_detected"])
     return means, rows
