@@ -11,6 +11,8 @@ OPTIONAL_PACKAGES = [
     ("insightface", "insightface", "face detection + identity (reference photos)"),
     ("onnxruntime", "onnxruntime", "runs insightface packs"),
     ("facexlib", "facexlib", "RetinaFace / BiSeNet face backend"),
+    ("dlib", "dlib-bin", "dlib face backend (HOG/MMOD detection, 5 landmarks, identity)"),
+    ("face_recognition_models", "face-recognition-models", "dlib's face model files"),
     ("cv2", "opencv-python-headless", "face alignment warps"),
     ("pyiqa", "pyiqa", "image-quality metrics (eval, dataset builder)"),
     ("lpips", "lpips", "LPIPS loss/metric"),
@@ -49,6 +51,17 @@ def report(root_arg=None) -> list[str]:
     fx = _files(root / "facedetection", ("*.pth",))
     lines.append("facexlib weights:")
     lines += [_line(True, str(f)) for f in fx] or [_line(False, f"none in {root / 'facedetection'}")]
+    lines.append("Face backends (--faces auto takes the first):")
+    try:
+        from .faces.analyzer import find_backends
+
+        found = find_backends(root / "insightface", root / "facedetection")
+    except Exception as err:  # noqa: BLE001 - doctor reports a broken install instead of crashing
+        found, err_note = [], f"face backends could not be checked: {err}"
+        lines.append(_line(False, err_note))
+    lines += [_line(True, f"{name}: {where}\n       licence: {note}") for name, where, note in found] or \
+        [_line(False, "none: pip install dlib-bin face-recognition-models (public-domain models), or add an "
+                      "insightface pack")]
     lines.append("Optional packages:")
     for module, pip_name, purpose in OPTIONAL_PACKAGES:
         ok = importlib.util.find_spec(module) is not None

@@ -189,3 +189,10 @@ def test_eval_id_similarity_uses_gt_landmarks_and_counts_missed_faces(dlib_faces
     worse, rows2 = face_metrics(sr, gt, dlib_faces)
     assert worse["faces"] == means["faces"] and worse["faces_missed"] >= 1
     assert rows2[0]["id_sim"] is not None and rows2[0]["id_sim"] < rows[0]["id_sim"]
+
+
+def test_doctor_lists_face_backends_and_licences(dlib_faces, tmp_path):
+    from headsup_core.doctor import report
+
+    text = "\n".join(report(tmp_path))
+    assert "Face backends" in text and "dlib:" in text and "public domain" in text
