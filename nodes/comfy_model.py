@@ -2,8 +2,8 @@
 
 ``patch_models`` turns HeadsUp (or OSEDiff) weights into ModelPatcher patches:
   * UNet LoRA -> LoRA patches on a clone of MODEL (ComfyUI's own LoRA maths, ``comfy.lora.load_lora``);
-  * the full ``conv_in`` -> a ``("diff", (delta, {"pad_weight": True}))`` patch that widens it from 4 to 9
-    input channels (the mechanism ComfyUI uses for inpaint patches);
+  * the full ``conv_in`` -> a ``("diff", (conv_in, {"pad_weight": True}))`` patch with strength_model 0 that
+    replaces and widens it from 4 to 9 input channels (the padding is what ComfyUI uses for inpaint patches);
   * VAE-encoder LoRA -> LoRA patches on a clone of the VAE's own patcher, used through a shallow copy of the
     VAE object. The graph's MODEL and VAE are never patched in place; ComfyUI swaps the weights back when one
     of them is loaded again.
@@ -100,22 +100,26 @@ def _diffusers_vae_names() -> list[str]:
 
 
 def conv_in_patches(model_patcher, unet_state: dict) -> dict:
-    """The full (widened) conv_in as diff patches against the graph's 4-channel conv_in."""
-    sd = model_patcher.model_state_dict()
-    base_w, base_b = sd[LDM_CONV_IN + "weight"], sd[LDM_CONV_IN + "bias"]
+    """The full (widened) conv_in of the weights, as padding diff patches that REPLACE the graph's conv_in.
+
+    Added with ``strength_model=0`` (see ``patch_models``): ComfyUI zeroes the current weight, pads it to the
+    9-channel shape and adds the full tensor, so the result is the checkpoint's conv_in exactly, whatever
+    another clone of the same model has patched into the shared weights at the moment."""
+    sd = model_patcher.model_state_dict(LDM_CONV_IN)
+    base_w = sd[LDM_CONV_IN + "weight"]
+    base_in = int(model_patcher.model.model_config.unet_config.get("in_channels", 4))
     weight = unet_state.get("conv_in.weight")
     bias = unet_state.get("conv_in.bias")
     if weight is None and "conv_in.base_layer.weight" in unet_state:  # OSEDiff .pkl: LoRA on conv_in
         weight, bias = _osediff_conv_in(unet_state)
     if weight is None:
         return {}
-    if weight.shape[0] != base_w.shape[0] or weight.shape[2:] != base_w.shape[2:] or weight.shape[1] < base_w.shape[1]:
-        raise WeightsMismatch(f"conv_in has shape {tuple(weight.shape)}, the graph's model {tuple(base_w.shape)}")
-    padded = torch.zeros(weight.shape, dtype=torch.float32)
-    padded[:, :base_w.shape[1]] = base_w.float()
-    patches = {LDM_CONV_IN + "weight": ("diff", (weight.float() - padded, {"pad_weight": True}))}
+    if weight.shape[0] != base_w.shape[0] or weight.shape[2:] != base_w.shape[2:] or weight.shape[1] < base_in:
+        raise WeightsMismatch(f"conv_in has shape {tuple(weight.shape)}, the graph's model "
+                              f"{(base_w.shape[0], base_in) + tuple(base_w.shape[2:])}")
+    patches = {LDM_CONV_IN + "weight": ("diff", (weight.float(), {"pad_weight": True}))}
     if bias is not None:
-        patches[LDM_CONV_IN + "bias"] = ("diff", (bias.float() - base_b.float(),))
+        patches[LDM_CONV_IN + "bias"] = ("diff", (bias.float(), {"pad_weight": False}))
     return patches
 
 
@@ -133,9 +137,9 @@ def patch_models(model, vae, weights):
     groups = {a: [m for m in mods if m != "conv_in"] for a, mods in weights.unet_groups.items()}
     lora_sd, modules = _lora_dict(unet_state, groups, weights.alpha_unet)
     unet_patches = _patches(lora_sd, modules, unet_key_map(model), "UNet")
-    unet_patches.update(conv_in_patches(model, weights.unet_state))
     m = model.clone()
     m.add_patches(unet_patches, 1.0)
+    m.add_patches(conv_in_patches(model, weights.unet_state), 1.0, 0.0)  # replaces conv_in (see there)
 
     vae_copy = copy.copy(vae)
     vae_copy.patcher = vae.patcher.clone()
