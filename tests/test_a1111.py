@@ -134,3 +134,53 @@ def test_missing_base_is_a_clear_error(webui, tmp_path, monkeypatch):
     monkeypatch.delenv("HEADSUP_BASE", raising=False)
     with pytest.raises(MissingModelError, match="base"):
         mod.find_base(str(tmp_path))
+
+
+@pytest.mark.slow  # ~20 s each: a fresh interpreter imports torch and diffusers
+@pytest.mark.parametrize("loop", ["a1111", "forge", "forge_classic"])
+def test_extension_as_cloned_through_stub_loader_and_extras(loop, tiny, tmp_path):
+    """The driver of the real-webui test, on the stand-in: A1111's sys.path restore, the Upscale cache and the
+    three upscale loops, with the extension's own folder as the only headsup_core (no editable install)."""
+    from a1111_webui import harness
+
+    r = harness.run(tmp_path, tiny, [str(STUB)], STUB, STUB / "scripts" / "postprocessing_upscale.py",
+                    env_extra={"A1111_STUB_LOOP": loop})
+    harness.check_common(r)
+    assert r["syspath_restored"] == (loop == "a1111") and not (loop == "a1111" and r["ext_root_on_syspath"])
+    # an interrupted job: A1111 1.8 calls do_upscale once (unchanged size stops it), Forge checks the flag
+    # itself, Forge Classic calls it 4 times; none of them may cost a HeadsUp pass (checked in check_common)
+    assert r["interrupt"]["do_upscale_calls"] == {"a1111": 1, "forge": 0, "forge_classic": 4}[loop]
+    assert r["resize_1"]["do_upscale_calls"] == {"a1111": 0, "forge": 1, "forge_classic": 1}[loop]
+
+
+@pytest.mark.parametrize("module", ["utils", "forge_util"])
+def test_forge_prepare_free_memory_found_where_the_variant_keeps_it(webui, module, tmp_path, monkeypatch, capsys):
+    mod, shared = webui
+    pkg = tmp_path / "modules_forge"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / f"{module}.py").write_text("calls = []\n\ndef prepare_free_memory(aggressive=False):\n    calls.append(1)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(mod, "_FREE", {})
+    try:
+        mod._free_memory()
+        assert mod._FREE["source"] == f"modules_forge.{module}.prepare_free_memory"
+        assert f"modules_forge.{module}" in capsys.readouterr().out  # which one is logged
+        assert sys.modules[f"modules_forge.{module}"].calls == [1]
+    finally:
+        for name in [n for n in sys.modules if n.startswith("modules_forge")]:
+            del sys.modules[name]
+
+
+def test_forge_without_prepare_free_memory_says_so(webui, tmp_path, monkeypatch, capsys):
+    mod, shared = webui
+    (tmp_path / "modules_forge").mkdir()
+    (tmp_path / "modules_forge" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(mod, "_FREE", {})
+    try:
+        assert mod.forge_prepare_free_memory() is None
+        assert "WARNING" in capsys.readouterr().out
+    finally:
+        for name in [n for n in sys.modules if n.startswith("modules_forge")]:
+            del sys.modules[name]

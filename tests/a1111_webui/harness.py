@@ -35,7 +35,7 @@ def standins_for(webui: Path) -> list[str]:
 
 
 def run(tmp: Path, tiny: dict, path_prefix: list[str], webui: Path, upscale_script: Path,
-        timeout: int = 600) -> dict:
+        timeout: int = 600, env_extra: dict | None = None) -> dict:
     ext = copy_extension(tmp)
     models = tmp / "models"
     (models / "HeadsUp").mkdir(parents=True)
@@ -50,6 +50,7 @@ def run(tmp: Path, tiny: dict, path_prefix: list[str], webui: Path, upscale_scri
            "extension": str(ext), "models": str(models), "base_option": "Stable-diffusion/SD2/tiny_sd2.safetensors"}
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(env_extra or {})
     proc = subprocess.run([sys.executable, "-I", "-S", str(HERE / "driver.py"), json.dumps(cfg)],
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=str(tmp))
     lines = proc.stdout.strip().splitlines()
