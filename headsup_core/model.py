@@ -92,6 +92,15 @@ class HeadsUpModel(torch.nn.Module):
         z = dist.sample(generator=generator) if self.sample_latent else dist.mode()
         return z * self.scaling_factor
 
+    def latent_from_moments(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Posterior moments (the encoder + quant_conv output, e.g. assembled from exact VAE tiles) -> scaled
+        latent, exactly as ``encode`` takes it from the distribution."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        dist = DiagonalGaussianDistribution(moments.to(self.vae_dtype))
+        z = dist.sample(generator=generator) if self.sample_latent else dist.mode()
+        return z.float() * self.scaling_factor
+
     def predict_x0(self, unet_input: torch.Tensor, lq_latent: torch.Tensor, prompt_embeds: torch.Tensor,
                    strength: float = 1.0) -> torch.Tensor:
         """One UNet call at t=timestep, then x0 from the prediction (eps or v); ``strength`` < 1 blends toward

@@ -6,6 +6,7 @@ so a batch gives exactly the result of its images run alone.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -177,7 +178,9 @@ class HeadsUpPipeline:
         return as_references(reference, face_analyzer)
 
     # ----------------------------------------------------------------------------------------------- main
-    def plan_tiles(self, tile_size: int | None) -> TilePlan:
+    def plan_tiles(self, tile_size: int | TilePlan | None) -> TilePlan:
+        if isinstance(tile_size, TilePlan):
+            return tile_size
         if tile_size is None:
             return TilePlan.for_device(self.device)
         if int(tile_size) < 64:
@@ -189,7 +192,8 @@ class HeadsUpPipeline:
                 tile_size: int | None = None, color_fix: str = "adain", seed: int = 0, *,
                 prompt_embeds=None, face_analyzer=None, progress: Callable[[int, int], Any] | None = None,
                 return_info: bool = False, strength: float = 1.0, match_threshold: float | None = None,
-                mask_without_reference: bool = True, tag_source: Callable | None = None):
+                mask_without_reference: bool = True, tag_source: Callable | None = None,
+                vae_tiling: str | None = None):
         """Upscale ``image`` (PIL, HxWxC uint8 numpy, or BxHxWxC float tensor); the result is the same kind."""
         scale = check_scale(scale)
         if color_fix not in COLOR_FIX_MODES:
@@ -201,6 +205,10 @@ class HeadsUpPipeline:
         tag_source = tag_source or self.tag_source
         embeds = None if tag_source is not None and prompt_embeds is None else self._prompt_embeds(prompt, prompt_embeds)
         plan = self.plan_tiles(tile_size)
+        if vae_tiling is not None:  # "exact" (default: whole-image GroupNorm statistics) or "fast" (preview)
+            if vae_tiling not in ("exact", "fast"):
+                raise InputImageError(f"Unknown VAE tiling mode {vae_tiling!r}; use 'exact' or 'fast'.")
+            plan = dataclasses.replace(plan, vae_mode=vae_tiling)
         h, w = batch.size
         oh, ow = output_size(h, w, scale)
         total = batch.rgb.shape[0] * self._tiles_per_image(oh, ow, plan, refs is not None)
@@ -237,9 +245,69 @@ class HeadsUpPipeline:
     def _tiles_per_image(self, oh: int, ow: int, plan: TilePlan, with_reference: bool) -> int:
         s = self.model.vae_scale
         lh, lw = math.ceil(oh / s), math.ceil(ow / s)
-        enc = tile_count(lh, lw, plan.encoder_tile, plan.encoder_overlap)
+        enc = plan.vae_tile_count(lh, lw, "encoder")
         return (enc * (2 if with_reference else 1) + tile_count(lh, lw, plan.unet_tile, plan.unet_overlap)
-                + tile_count(lh, lw, plan.decoder_tile, plan.decoder_overlap))
+                + plan.vae_tile_count(lh, lw, "decoder"))
+
+    # ----------------------------------------------------------------------------------------------- VAE stages
+    def _exact_vae(self, plan: TilePlan) -> bool:
+        from .tiled_vae import supports_exact
+
+        return plan.vae_mode == "exact" and supports_exact(getattr(self.model, "vae", None))
+
+    def _vae_encode(self, x, plan: TilePlan, tick, generator, stage: str, to_unit: bool):
+        """Tiled VAE encode of an image in [0, 1] (``to_unit``) or [-1, 1] -> scaled latent."""
+        model, dev, s = self.model, self.device, self.model.vae_scale
+        if not bool(x.abs().amax() > 0) and not to_unit:  # an empty reference canvas encodes to nothing
+            for _ in range(plan.vae_tile_count(x.shape[-2] // s, x.shape[-1] // s, "encoder")):
+                tick()
+            return torch.zeros(1, 4, x.shape[-2] // s, x.shape[-1] // s, device=dev)
+        if self._exact_vae(plan):
+            from .tiled_vae import encoder_forward, run_exact
+
+            def fwd(vae, t, park):
+                t = t.to(model.vae_dtype)
+                return encoder_forward(vae, t * 2 - 1 if to_unit else t, park)
+
+            def run():
+                return run_exact(fwd, model.vae, x, tile=plan.encoder_tile, context=plan.encoder_context,
+                                 in_factor=s, out_factor=1, compute_device=dev, out_device=dev, progress=tick)
+            moments = self._guard_stage(run, model.vae, stage)
+            return model.latent_from_moments(moments, generator)
+        enc = self._guard(lambda t: model.encode(t * 2 - 1 if to_unit else t, generator), model.vae, stage)
+        return run_tiled(enc, x, tile=plan.encoder_tile, overlap=plan.encoder_overlap, in_factor=s, out_factor=1,
+                         out_channels=4, compute_device=dev, out_device=dev, progress=tick,
+                         skip=None if to_unit else (lambda t: not bool(t.abs().amax() > 0)),
+                         norm_sync=model.vae.encoder, preview_side=ENCODER_PREVIEW, context=plan.encoder_overlap)
+
+    def _vae_decode(self, x0, plan: TilePlan, tick):
+        """Tiled VAE decode of a scaled latent -> image in [-1, 1] on the CPU."""
+        model, dev, s = self.model, self.device, self.model.vae_scale
+        if self._exact_vae(plan):
+            from .tiled_vae import decoder_forward, run_exact
+
+            def fwd(vae, t, park):
+                return decoder_forward(vae, t.to(model.vae_dtype) / model.scaling_factor, park)
+
+            def run():
+                return run_exact(fwd, model.vae, x0, tile=plan.decoder_tile, context=plan.decoder_context,
+                                 in_factor=1, out_factor=s, compute_device=dev, out_device=torch.device("cpu"),
+                                 progress=tick)
+            return self._guard_stage(run, model.vae, "decoder").clamp_(-1, 1)
+        dec = self._guard(model.decode, model.vae, "decoder")
+        return run_tiled(dec, x0, tile=plan.decoder_tile, overlap=plan.decoder_overlap, in_factor=1, out_factor=s,
+                         out_channels=3, compute_device=dev, out_device=torch.device("cpu"), progress=tick,
+                         norm_sync=model.vae.decoder, preview_side=DECODER_PREVIEW, context=plan.decoder_overlap // 2)
+
+    def _guard_stage(self, run, module, stage: str):
+        """A whole exact-tiled stage; on NaN/Inf in half precision, rerun it in fp32 and say so."""
+        out = run()
+        if next(module.parameters()).dtype != torch.float32 and not torch.isfinite(out).all():
+            log.warning("HeadsUp: NaN/Inf in the %s stage in %s; retrying it in fp32.", stage,
+                        next(module.parameters()).dtype)
+            with devices.upcast(module):
+                out = run()
+        return out
 
     def _guard(self, fn, module, stage: str):
         """Run a stage tile; on NaN/Inf in half precision, retry that tile in fp32 and say so."""
@@ -293,12 +361,7 @@ class HeadsUpPipeline:
             mask_lat = mask_to_latent(_pad_to_multiple(face_mask_px, multiple), (lh, lw)).to(dev)
             if refs:
                 canvas = _pad_to_multiple(cond.canvas.float(), multiple)
-                enc = self._guard(lambda t: model.encode(t, generator), model.vae, "reference encoder")
-                ref_latent = run_tiled(enc, canvas, tile=plan.encoder_tile, overlap=plan.encoder_overlap,
-                                       in_factor=s, out_factor=1, out_channels=4, compute_device=dev,
-                                       out_device=dev, progress=tick, skip=lambda t: not bool(t.abs().amax() > 0),
-                                       norm_sync=model.vae.encoder, preview_side=ENCODER_PREVIEW,
-                              context=plan.encoder_overlap)
+                ref_latent = self._vae_encode(canvas, plan, tick, generator, "reference encoder", to_unit=False)
                 ref_latent = ref_latent * (mask_lat > 0)
         elif refs:
             raise InputImageError("A reference was given but no face analyzer; pass face_analyzer (e.g. --faces insightface).")
@@ -307,11 +370,7 @@ class HeadsUpPipeline:
 
         t1 = time.perf_counter()
         # Map to [-1, 1] per tile, so no second full-size copy of the image is made.
-        enc = self._guard(lambda t: model.encode(t * 2 - 1, generator), model.vae, "encoder")
-        lq_latent = run_tiled(enc, padded, tile=plan.encoder_tile, overlap=plan.encoder_overlap, in_factor=s,
-                              out_factor=1, out_channels=4, compute_device=dev, out_device=dev, progress=tick,
-                              norm_sync=model.vae.encoder, preview_side=ENCODER_PREVIEW,
-                              context=plan.encoder_overlap)
+        lq_latent = self._vae_encode(padded, plan, tick, generator, "encoder", to_unit=True)
         timing["encode_s"] = time.perf_counter() - t1
         self._mark_peak(timing, "encode", dev)
 
@@ -324,11 +383,7 @@ class HeadsUpPipeline:
         self._mark_peak(timing, "unet", dev)
 
         t3 = time.perf_counter()
-        dec = self._guard(model.decode, model.vae, "decoder")
-        y = run_tiled(dec, x0, tile=plan.decoder_tile, overlap=plan.decoder_overlap, in_factor=1, out_factor=s,
-                      out_channels=3, compute_device=dev, out_device=torch.device("cpu"), progress=tick,
-                      norm_sync=model.vae.decoder, preview_side=DECODER_PREVIEW,
-                      context=plan.decoder_overlap // 2)
+        y = self._vae_decode(x0, plan, tick)
         timing["decode_s"] = time.perf_counter() - t3
         self._mark_peak(timing, "decode", dev)
         log.debug("HeadsUp %dx%d: %s", ow, oh, ", ".join(f"{k}={v:.2f}" for k, v in timing.items()))

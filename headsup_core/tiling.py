@@ -20,13 +20,22 @@ ProgressFn = Callable[[], None]
 
 @dataclass(frozen=True)
 class TilePlan:
-    """Tile sizes and overlaps, in latent units (1 latent unit = ``vae_scale`` output pixels)."""
+    """Tile sizes and overlaps, in latent units (1 latent unit = ``vae_scale`` output pixels).
+
+    ``vae_mode`` "exact" (default): VAE tiles partition the image, read ``*_context`` latent units around
+    themselves and share whole-image GroupNorm statistics pooled over all tiles (``tiled_vae.py``); the
+    overlaps then apply to the UNet only. "fast": overlapping blended VAE tiles with statistics estimated on a
+    small preview (cheaper, less exact; see docs/benchmark.md).
+    """
     encoder_tile: int = 128
     encoder_overlap: int = 8
     unet_tile: int = 96
     unet_overlap: int = 32
     decoder_tile: int = 128
     decoder_overlap: int = 8
+    encoder_context: int = 8   # 64 px (OSEDiff's tiled VAE pads encoder tiles by 32 px)
+    decoder_context: int = 11  # as OSEDiff's tiled VAE
+    vae_mode: str = "exact"
 
     @classmethod
     def for_device(cls, device: torch.device | str) -> "TilePlan":
@@ -36,6 +45,13 @@ class TilePlan:
             # docs/benchmark.md); the UNet keeps OSEDiff's 96/32.
             return cls(encoder_tile=128, encoder_overlap=8, unet_tile=96, unet_overlap=32, decoder_tile=96,
                        decoder_overlap=8)
+        from .devices import total_memory_bytes
+
+        gib = total_memory_bytes(torch.device(device)) / 2**30
+        if gib >= 20:  # a 2K output (256 latents) runs its VAE stages untiled
+            return cls(encoder_tile=256, decoder_tile=256)
+        if gib >= 10:
+            return cls(encoder_tile=192, decoder_tile=160)
         return cls()
 
     @classmethod
@@ -44,6 +60,15 @@ class TilePlan:
         t = max(8, int(tile_size) // vae_scale // 8 * 8)  # multiples of 8 latents fit the UNet's downsamplings
         return cls(encoder_tile=t, encoder_overlap=max(2, t // 8), unet_tile=t, unet_overlap=max(2, t // 3),
                    decoder_tile=t, decoder_overlap=max(2, t // 8))
+
+    def vae_tile_count(self, h: int, w: int, stage: str) -> int:
+        """Tiles of a VAE stage on an h x w latent grid."""
+        tile = self.encoder_tile if stage == "encoder" else self.decoder_tile
+        if self.vae_mode == "exact":
+            from .tiled_vae import partition
+
+            return len(partition(h, tile)) * len(partition(w, tile))
+        return tile_count(h, w, tile, self.encoder_overlap if stage == "encoder" else self.decoder_overlap)
 
 
 def fit_tile(length: int, tile: int, overlap: int, multiple: int = 8) -> int:
@@ -139,7 +164,7 @@ def _blend_tiles(fn, x, ys, xs, th, tw, in_factor, out_factor, out_channels, com
 
 
 class GroupNormSync:
-    """Share GroupNorm statistics across VAE tiles (the "fast" mode of the tiled-VAE hook OSEDiff uses).
+    """Share GroupNorm statistics across VAE tiles: the opt-in "fast" mode (the exact default is tiled_vae.py).
 
     Per-tile GroupNorm statistics differ from the whole image's, which shows as colour/brightness steps between
     tiles. Statistics are recorded once on a small preview of the whole input and reused by every tile, so all
@@ -194,4 +219,12 @@ def preview_of(x: torch.Tensor, max_side: int, multiple: int) -> torch.Tensor:
     h, w = x.shape[-2:]
     f = min(1.0, max_side / max(h, w))
     ph, pw = max(multiple, round(h * f / multiple) * multiple), max(multiple, round(w * f / multiple) * multiple)
-    return torch.nn.functional.interpolate(x.float(), size=(ph, pw), mode="area") if (ph, pw) != (h, w) else x
+    if (ph, pw) == (h, w):
+        return x
+    small = torch.nn.functional.interpolate(x.float(), size=(ph, pw), mode="area")
+    # Averaging lowers the spread the statistics see: re-match the preview's per-channel mean and std to the
+    # full input's (the fast mode of OSEDiff's tiled VAE does the same).
+    std, mean = torch.std_mean(x.float(), dim=(0, 2, 3), keepdim=True)
+    s_std, s_mean = torch.std_mean(small, dim=(0, 2, 3), keepdim=True)
+    small = (small - s_mean) / s_std.clamp_min(1e-6) * std + mean
+    return small.clamp_(float(x.min()), float(x.max()))
