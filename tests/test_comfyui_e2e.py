@@ -29,9 +29,11 @@ COMFYUI = os.environ.get("COMFYUI_PATH")
 PACK_DIR = Path(__file__).resolve().parents[1]
 API_DIR = PACK_DIR / "workflows" / "api"
 NODE_IDS = ("HeadsUpLoader", "HeadsUpFaceAnalysisLoader", "HeadsUpReferenceEncoder", "HeadsUpUpscale",
-            "HeadsUpBlendUpscale")
+            "HeadsUpBlendUpscale", "HeadsUpPatchModel")
 INPUT_SIZES = {"portrait.png": (96, 66), "reference.png": (112, 112), "group.png": (112, 56),
                "person_a.png": (112, 112), "person_b.png": (112, 112), "black.png": (64, 64), "big.png": (320, 320)}
+
+SD2_BASE, SD2_WEIGHTS = "base_sd2.safetensors", "headsup_sd2.safetensors"
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
               pytest.mark.skipif(not COMFYUI, reason="set COMFYUI_PATH to a ComfyUI checkout to run")]
@@ -78,8 +80,18 @@ def tiny(tiny_models):
 
 
 @pytest.fixture(scope="module")
-def server(tiny, tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy")
+def sd2(tmp_path_factory):
+    """A small SD2-shaped single file (real SD2 VAE and CLIP-H shapes) that CheckpointLoaderSimple accepts."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        from sd2_small import write_sd2_small
+    finally:
+        sys.path.remove(str(Path(__file__).parent))
+    return write_sd2_small(tmp_path_factory.mktemp("sd2"), with_clip=True)
+
+
+def _prepare_base(tiny, sd2, base):
+    """ComfyUI's base directory: the pack in custom_nodes, the test models, input photos."""
     for sub in ("custom_nodes", "input", "output", "temp", "user", "models/headsup", "models/checkpoints",
                 "models/diffusers"):
         (base / sub).mkdir(parents=True)
@@ -97,13 +109,21 @@ def server(tiny, tmp_path_factory):
     os.symlink(tiny["headsup"], base / "elsewhere" / "my_headsup" / "extra.safetensors")
     extra_yaml = base / "extra_model_paths.yaml"
     extra_yaml.write_text(f"e2e:\n    base_path: {base / 'elsewhere'}\n    headsup: my_headsup\n")
+    os.symlink(sd2["base"], models / "checkpoints" / "base_sd2.safetensors")
+    os.symlink(sd2["weights"], models / "headsup" / "headsup_sd2.safetensors")
+    (base / "input" / "portrait_copy.png").write_bytes((base / "input" / "portrait.png").read_bytes())
+    return extra_yaml
+
+
+def _start(base, extra_yaml, *flags, cpu=True):
     port = _free_port()
     log_path = base / "server.log"
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([_python(), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                                 "--base-directory", str(base), "--extra-model-paths-config", str(extra_yaml)], cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT,
-                                env=env)
+        proc = subprocess.Popen([_python(), "main.py", *(["--cpu"] if cpu else []), "--listen", "127.0.0.1",
+                                 "--port", str(port),
+                                 "--base-directory", str(base), "--extra-model-paths-config", str(extra_yaml),
+                                 *flags], cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT, env=env)
     srv = SimpleNamespace(url=f"http://127.0.0.1:{port}", base=base, proc=proc, log=log_path)
     deadline = time.time() + 300
     while True:
@@ -117,12 +137,24 @@ def server(tiny, tmp_path_factory):
                 proc.kill()
                 pytest.fail(f"ComfyUI did not come up:\n{log_path.read_text()[-3000:]}")
             time.sleep(1)
-    yield srv
+    return srv
+
+
+def _stop(srv):
+    proc = srv.proc
     proc.terminate()
     try:
         proc.wait(30)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tiny, sd2, tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy")
+    srv = _start(base, _prepare_base(tiny, sd2, base))
+    yield srv
+    _stop(srv)
 
 
 def _get(srv, path):
@@ -144,7 +176,8 @@ def _post(srv, path, payload=None):
 def _workflow(name, **widget_overrides):
     """An API workflow with the tiny models selected; overrides are {class_type: {input: value}}."""
     api = json.loads((API_DIR / f"{name}.json").read_text())
-    overrides = {"HeadsUpLoader": {"base": "diffusers/base"}, "HeadsUpFaceAnalysisLoader": {"pack": "tiny"}}
+    overrides = {"HeadsUpLoader": {"base": "diffusers/base"}, "HeadsUpFaceAnalysisLoader": {"pack": "tiny"},
+                 "CheckpointLoaderSimple": {"ckpt_name": SD2_BASE}, "HeadsUpPatchModel": {"weights": SD2_WEIGHTS}}
     for typ, values in widget_overrides.items():
         overrides.setdefault(typ, {}).update(values)
     for node in api.values():
@@ -188,7 +221,7 @@ def test_object_info_lists_the_nodes_and_fits_the_workflows(server):
     for node_id in NODE_IDS:
         assert info[node_id]["category"] == "HeadsUp"
     weights = info["HeadsUpLoader"]["input"]["required"]["weights"][1]["options"]
-    assert weights == ["extra.safetensors", "headsup.safetensors", "moved_away.safetensors"]
+    assert weights == ["extra.safetensors", "headsup.safetensors", "headsup_sd2.safetensors", "moved_away.safetensors"]
     for path in sorted(API_DIR.glob("*.json")):
         for node in json.loads(path.read_text()).values():
             spec = info[node["class_type"]]
@@ -217,7 +250,8 @@ def _id_of(api, class_type, title_part=""):
 
 @pytest.mark.parametrize("name,lq", [("headsup_portrait_x4", "portrait.png"),
                                      ("headsup_reference_x4", "portrait.png"),
-                                     ("headsup_group_references", "group.png")])
+                                     ("headsup_group_references", "group.png"),
+                                     ("headsup_graph_model_x4", "portrait.png")])
 def test_shipped_workflow_runs(server, name, lq):
     api = _workflow(name)
     log_start = len(server.log.read_text())
@@ -282,3 +316,100 @@ def test_interrupt_stops_a_long_run(server):
     assert interrupted[0]["node_type"] == "HeadsUpUpscale"
     assert not entry["outputs"].get(_id_of(api, "SaveImage"))
     assert server.proc.poll() is None and _get(server, "/system_stats")
+
+
+# ------------------------------------------------------------------ HeadsUp on the graph's own MODEL/VAE/CLIP
+def _native_graph(image="portrait.png", clip=False, scale=2.0, prefix="native"):
+    api = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD2_BASE}},
+           "2": {"class_type": "HeadsUpPatchModel",
+                 "inputs": {"model": ["1", 0], "vae": ["1", 2], "weights": SD2_WEIGHTS}},
+           "3": {"class_type": "LoadImage", "inputs": {"image": image}},
+           "4": {"class_type": "HeadsUpUpscale", "inputs": {"model": ["2", 0], "image": ["3", 0], "scale": scale,
+                                                            "tile_size": 0, "color_fix": "adain"}},
+           "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": prefix}}}
+    if clip:
+        api["2"]["inputs"]["clip"] = ["1", 1]
+    return api
+
+
+def _loader_graph(image="portrait.png", clip_prompt=None, scale=2.0, prefix="loader"):
+    api = {"1": {"class_type": "HeadsUpLoader", "inputs": {"weights": SD2_WEIGHTS, "base": SD2_BASE,
+                                                           "dtype": "fp32"}},
+           "3": {"class_type": "LoadImage", "inputs": {"image": image}},
+           "4": {"class_type": "HeadsUpUpscale", "inputs": {"model": ["1", 0], "image": ["3", 0], "scale": scale,
+                                                            "tile_size": 0, "color_fix": "adain"}},
+           "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": prefix}}}
+    if clip_prompt is not None:  # the same CLIP through ComfyUI's own CLIPTextEncode
+        api["6"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD2_BASE}}
+        api["7"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["6", 1], "text": clip_prompt}}
+        api["4"]["inputs"]["conditioning"] = ["7", 0]
+    return api
+
+
+def _pixels(srv, entry, node_id="5"):
+    (img,) = entry["outputs"][node_id]["images"]
+    with Image.open(srv.base / "output" / img["subfolder"] / img["filename"]) as im:
+        return np.asarray(im.convert("RGB")).astype(np.int16)
+
+
+def _run(srv, api):
+    entry = _wait(srv, _submit(srv, api))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    return entry
+
+
+@pytest.mark.parametrize("clip", [False, True], ids=["stored_prompt", "clip_prompt"])
+def test_patch_model_equals_loader_within_one_level(server, clip):
+    """CheckpointLoaderSimple -> HeadsUpPatchModel -> HeadsUpUpscale x2 == HeadsUpLoader on the same files."""
+    native = _pixels(server, _run(server, _native_graph(clip=clip, prefix=f"native_{clip}")))
+    loader = _pixels(server, _run(server, _loader_graph(clip_prompt=", ," if clip else None,
+                                                        prefix=f"loader_{clip}")))
+    w, h = INPUT_SIZES["portrait.png"]
+    assert native.shape == (2 * h, 2 * w, 3) and loader.shape == native.shape
+    assert native.std() > 10  # a real image, not a flat or saturated one
+    assert np.abs(native - loader).max() <= 1
+
+
+def _host_check_graph(image, prefix):
+    """Plain host nodes on the graph's MODEL and VAE: VAE round trip and one img2img sampler step."""
+    return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD2_BASE}},
+            "3": {"class_type": "LoadImage", "inputs": {"image": image}},
+            "4": {"class_type": "VAEEncode", "inputs": {"pixels": ["3", 0], "vae": ["1", 2]}},
+            "5": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["1", 2]}},
+            "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": prefix + "_vae"}},
+            "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a portrait"}},
+            "8": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["7", 0], "negative": ["7", 0],
+                                                       "latent_image": ["4", 0], "seed": 1, "steps": 1, "cfg": 1.0,
+                                                       "sampler_name": "euler", "scheduler": "normal",
+                                                       "denoise": 0.5}},
+            "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}},
+            "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": prefix + "_model"}}}
+
+
+def test_graph_model_and_vae_are_unchanged_by_the_patch(server):
+    before = _run(server, _host_check_graph("portrait.png", "before"))
+    _run(server, _native_graph(clip=True, prefix="between"))
+    # Same pixels under another file name, so ComfyUI's cache recomputes everything after the loader.
+    after = _run(server, _host_check_graph("portrait_copy.png", "after"))
+    for node in ("6", "10"):
+        a, b = _pixels(server, before, node), _pixels(server, after, node)
+        assert a.std() > 1 and np.array_equal(a, b), node
+
+
+def _comfy_sees_a_gpu():
+    out = subprocess.run([_python(), "-c", "import torch; print(torch.cuda.is_available())"], capture_output=True,
+                         text=True)
+    return out.stdout.strip().endswith("True")
+
+
+def test_lowvram_run_completes(tiny, sd2, tmp_path):
+    # ComfyUI refuses --lowvram together with --cpu, and without --cpu it needs a GPU.
+    if not _comfy_sees_a_gpu():
+        pytest.skip("--lowvram needs a GPU: ComfyUI rejects it together with --cpu")
+    srv = _start(tmp_path, _prepare_base(tiny, sd2, tmp_path), "--lowvram", cpu=False)
+    try:
+        entry = _run(srv, _native_graph(clip=True, prefix="lowvram"))
+        w, h = INPUT_SIZES["portrait.png"]
+        assert _pixels(srv, entry).shape == (2 * h, 2 * w, 3)
+    finally:
+        _stop(srv)

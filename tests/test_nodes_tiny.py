@@ -132,3 +132,35 @@ def test_facexlib_backend_loads_from_facedetection(pack):
     analyzer = pack.nodes["HeadsUpFaceAnalysisLoader"].execute(
         backend="facexlib", pack="facexlib/retinaface_mobile0.25", provider="CPU")[0]
     assert analyzer.detect(np.zeros((64, 64, 3), np.uint8)) == []
+
+
+def test_conditioning_of_the_wrong_width_is_refused_by_the_core(pack, model):
+    from headsup_core.errors import InputImageError
+
+    with pytest.raises(InputImageError, match="needs Bx77x32"):
+        pack.nodes["HeadsUpUpscale"].execute(model=model, image=torch.rand(1, 16, 16, 3), scale=2.0, tile_size=0,
+                                             color_fix="adain", conditioning=[[torch.randn(1, 77, 768), {}]])
+
+
+def test_native_patch_tensors_match_the_core_merge(pack, tiny):
+    """The pure-tensor half of HeadsUpPatchModel (no ComfyUI needed): LoRA dicts in ComfyUI's diffusers-style
+    naming, and OSEDiff's conv_in LoRA merged exactly as the core's converter merges it."""
+    from headsup_core.checkpoint import convert_osediff, load_headsup, load_weights
+
+    import importlib
+
+    cm = importlib.import_module(harness.PACK_MODULE + ".nodes.comfy_model")
+    w = load_weights(tiny["headsup"])
+    groups = {a: [m for m in mods if m != "conv_in"] for a, mods in w.unet_groups.items()}
+    lora_sd, modules = cm._lora_dict(w.unet_state, groups, w.alpha_unet)
+    assert len(modules) == sum(len(v) for v in groups.values()) > 0
+    m = modules[0]
+    adapter = next(a for a, mods in groups.items() if m in mods)
+    assert torch.equal(lora_sd[f"{m}.lora_A.weight"], w.unet_state[f"{m}.lora_A.{adapter}.weight"])
+    assert float(lora_sd[f"{m}.alpha"]) == w.alpha_unet and len(lora_sd) == 3 * len(modules)
+
+    pkl = load_weights(tiny["osediff"])
+    weight, bias = cm._osediff_conv_in(pkl.unet_state)
+    converted = load_headsup(convert_osediff(tiny["osediff"], Path(str(tiny["osediff"]) + ".test.safetensors")))
+    assert torch.allclose(weight, converted.unet_state["conv_in.weight"][:, :4], atol=1e-6)
+    assert torch.equal(bias.float(), converted.unet_state["conv_in.bias"].float())
