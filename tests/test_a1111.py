@@ -184,3 +184,66 @@ def test_forge_without_prepare_free_memory_says_so(webui, tmp_path, monkeypatch,
     finally:
         for name in [n for n in sys.modules if n.startswith("modules_forge")]:
             del sys.modules[name]
+
+
+def _fake_safetensors(path, shapes, metadata=None):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({k: torch.zeros(s) for k, s in shapes.items()}, str(path), metadata=metadata)
+    return str(path)
+
+
+def test_base_setting_lists_only_sd2_files_of_the_webui(webui, tiny, tmp_path, monkeypatch):
+    mod, shared = webui
+    sd = tmp_path / "Stable-diffusion"
+    (sd / "sub").mkdir(parents=True)
+    shutil.copy(tiny["base_single"], sd / "sub" / "v2-1_512.safetensors")
+    shutil.copy(tiny["base_sgm"], sd / "sd_turbo.safetensors")  # sgm layout (SD-Turbo)
+    u = "model.diffusion_model."
+    _fake_safetensors(sd / "sd15.safetensors", {f"{u}input_blocks.1.1.proj_in.weight": (4, 4, 1, 1)})
+    _fake_safetensors(sd / "sdxl.safetensors", {f"{u}input_blocks.4.1.proj_in.weight": (4, 4),
+                                                f"{u}label_emb.0.0.weight": (4, 4)})
+    (sd / "notes.safetensors").write_bytes(b"not a safetensors file")
+    monkeypatch.setattr(shared.cmd_opts, "ckpt_dir", str(sd), raising=False)
+    monkeypatch.delenv("HEADSUP_BASE", raising=False)
+    assert mod.base_choices() == ["Automatic", "Stable-diffusion/sd_turbo.safetensors",
+                                  "Stable-diffusion/sub/v2-1_512.safetensors"]
+    # Automatic: models/HeadsUp/base* as before
+    assert mod.find_base(mod.models_dir()) == os.path.join(mod.models_dir(), "base")
+    monkeypatch.setattr(shared.opts, "headsup_base", "Stable-diffusion/sub/v2-1_512.safetensors", raising=False)
+    assert mod.find_base(mod.models_dir()) == str(sd / "sub" / "v2-1_512.safetensors")
+    up = mod.UpscalerHeadsUp(None)
+    pipe = up.load_model(up.scalers[1].data_path)  # the base from the webui's own checkpoint folder loads
+    assert next(iter(mod._CACHE))[0].endswith("v2-1_512.safetensors") and pipe is not None
+    monkeypatch.setattr(shared.opts, "headsup_base", "Stable-diffusion/gone.safetensors", raising=False)
+    with pytest.raises(Exception, match="gone.safetensors.*Settings"):
+        mod.find_base(mod.models_dir())
+    # nothing configured and nothing in models/HeadsUp: the error names the SD2 files to choose from
+    monkeypatch.setattr(shared.opts, "headsup_base", "Automatic", raising=False)
+    with pytest.raises(Exception, match="sd_turbo.safetensors.*HeadsUp base model"):
+        mod.find_base(str(tmp_path / "empty"))
+    mod._CACHE.clear()
+
+
+def test_upscaler_scale_comes_from_the_weights(webui, tiny, tmp_path):
+    mod, shared = webui
+    assert mod.weights_scale(str(tiny["headsup"])) == 4  # no scale recorded: OSEDiff's 4x
+    assert mod.weights_scale(str(tiny["osediff"])) == 4
+    assert mod.weights_scale(_fake_safetensors(tmp_path / "x2.safetensors", {"a": (1,)}, {"scale": "2"})) == 2
+
+
+def test_no_pass_below_or_at_scale_1_or_when_interrupted(webui, monkeypatch):
+    mod, shared = webui
+    up = mod.UpscalerHeadsUp(None)
+    monkeypatch.setattr(up, "load_model", lambda path: pytest.fail("a HeadsUp pass was started"))
+    img = _t1(64)
+    for scale in (0.5, 1):
+        up.scale = scale
+        assert up.do_upscale(img, up.scalers[0].data_path) is img
+    up.scale = 2
+    shared.state.interrupted = True
+    try:
+        assert up.do_upscale(img, up.scalers[0].data_path) is img
+    finally:
+        shared.state.interrupted = False
