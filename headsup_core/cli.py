@@ -107,7 +107,7 @@ def cmd_upscale(args) -> int:
         result, info = pipe.upscale(image, scale=scale, reference=references, prompt=args.prompt,
                                     tile_size=args.tile_size, color_fix=args.color_fix, seed=args.seed,
                                     face_analyzer=analyzer, progress=progress, return_info=True,
-                                    strength=args.strength)
+                                    strength=args.strength, vae_tiling=args.vae_tiling)
         bar.close()
         save_image_atomic(result, dst)
         t = info["timings"][0]
@@ -187,7 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sample the VAE posterior like OSEDiff instead of its mode (non-deterministic per seed)")
     up.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: best available)")
     up.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
-                    help="compute precision (default: fp32 on CPU, bf16/fp16 on GPU)")
+                    help="weights precision (default: fp32 on CPU, fp16 on GPU; the UNet output and the "
+                    "one-step update are always fp32)")
+    up.add_argument("--vae-tiling", choices=["exact", "fast"], default="exact",
+                    help="tiled VAE statistics: exact = whole-image GroupNorm statistics pooled over all tiles "
+                    "(default), fast = estimated from a small preview (cheaper, visibly less exact)")
     up.add_argument("--overwrite", action="store_true", help="replace existing output files")
     up.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     up.set_defaults(func=cmd_upscale)

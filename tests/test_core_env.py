@@ -14,6 +14,8 @@ def test_device_and_dtype_choice():
     assert devices.pick_device("cpu") == torch.device("cpu")
     assert devices.pick_dtype(None, torch.device("cpu")) == torch.float32
     assert devices.pick_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    # GPUs default to fp16, not bf16: the one-step update amplifies eps errors 14.6x (docs/benchmark.md).
+    assert devices.pick_dtype(None, torch.device("cuda")) == torch.float16
     with pytest.raises(HeadsUpError, match="Unknown dtype"):
         devices.pick_dtype("int3", torch.device("cpu"))
     if not torch.cuda.is_available():
