@@ -11,7 +11,8 @@ else ``models/HeadsUp/base`` (a diffusers folder) or ``models/HeadsUp/base.safet
 (for references and face masks) are insightface packs in ``models/insightface/models/<pack>/``.
 
 Run against the real webui code (tests/test_a1111_webui.py) of AUTOMATIC1111 v1.8.0 (bef51aed032c),
-lllyasviel/stable-diffusion-webui-forge dfdcbab6 and Haoming02/sd-webui-forge-classic 1f95d717.
+lllyasviel/stable-diffusion-webui-forge dfdcbab6 and 04c6ab68 ("1.10.1", pre-rewrite Forge), and
+Haoming02/sd-webui-forge-classic 1f95d717.
 All model work is ``headsup_core.HeadsUpPipeline``, the same code as the CLI and the ComfyUI nodes.
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@ From each checkout it imports the real ``modules/scripts.py``, ``script_loading.
 ``esrgan_model``, Forge for its gradio-4 ``ui_components``). The extension is copied as ``extensions/<name>``,
 loaded by ``scripts.load_scripts()`` and ``modelloader.load_upscalers()``, and Extras runs through the real
 postprocessing runner, in a ``python -I -S`` subprocess where the extension's folder is the only ``headsup_core``.
-Checked with A1111 v1.8.0 (bef51aed032c), Forge dfdcbab6 and Forge Classic 1f95d717. No webui code is committed.
+Checked with A1111 v1.8.0 (bef51aed032c), Forge dfdcbab6 and 04c6ab68, and Forge Classic 1f95d717. No webui code is committed.
 """
 import os
 from pathlib import Path
