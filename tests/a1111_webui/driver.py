@@ -58,8 +58,8 @@ def main():
     from headsup_core.pipeline import HeadsUpPipeline
 
     result["headsup_core_file"] = headsup_core.__file__
-    result["base_choices"] = mod.base_choices()
-    result["headsup_base_option"] = shared.opts.headsup_base
+    result["base_choices"] = getattr(mod, "base_choices", list)()  # absent before issue 15
+    result["headsup_base_option"] = getattr(shared.opts, "headsup_base", None)
 
     passes, do_calls = [], []
     real_upscale, real_do = HeadsUpPipeline.upscale, mod.UpscalerHeadsUp.do_upscale
@@ -129,8 +129,9 @@ def main():
     out = scaler.scaler.upscale(image, 1, scaler.data_path)
     shared.state.end()
     result["resize_1"] = {"passes": len(passes) - n, "do_upscale_calls": len(do_calls) - k, "size": list(out.size)}
-    result["forge_free_memory"] = mod.forge_prepare_free_memory() is not None
-    result["forge_free_memory_source"] = mod._FREE.get("source")
+    if hasattr(mod, "forge_prepare_free_memory"):
+        result["forge_free_memory"] = mod.forge_prepare_free_memory() is not None
+        result["forge_free_memory_source"] = mod._FREE.get("source")
     result["ext_root_on_syspath"] = any(os.path.abspath(p) == os.path.abspath(cfg["extension"]) for p in sys.path)
 
 
