@@ -360,9 +360,15 @@ class HeadsUpPipeline:
                      getattr(face_analyzer, "backend", "?"), "" if refs else ", no reference")
             mask_lat = mask_to_latent(_pad_to_multiple(face_mask_px, multiple), (lh, lw)).to(dev)
             if refs:
-                canvas = _pad_to_multiple(cond.canvas.float(), multiple)
-                ref_latent = self._vae_encode(canvas, plan, tick, generator, "reference encoder", to_unit=False)
-                ref_latent = ref_latent * (mask_lat > 0)
+                # each reference is encoded in its own face window, as in training (faces.condition)
+                from .faces.condition import encode_reference_windows
+
+                windows = [a["ref_window"] for a in cond.assignments if "ref_window" in a]
+                ref_latent = encode_reference_windows(cond.canvas.float(), windows, lambda t: self._vae_encode(
+                    t, plan, lambda: None, generator, "reference encoder", to_unit=False), (lh, lw))
+                for _ in range(plan.vae_tile_count(lh, lw, "encoder")):  # the progress total counts these
+                    tick()
+                ref_latent = None if ref_latent is None else ref_latent.to(dev) * mask_lat
         elif refs:
             raise InputImageError("A reference was given but no face analyzer; pass face_analyzer (e.g. --faces insightface).")
         timing["faces_s"] = time.perf_counter() - t0

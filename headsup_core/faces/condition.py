@@ -190,8 +190,60 @@ def build_face_condition(lq_rgb: np.ndarray, out_size, analyzer, references=None
                 torch.maximum(view, torch.from_numpy(part), out=view)
         if ref_idx is not None:
             _place_reference(canvas, refs[ref_idx], face, (h_out, w_out), cv2)
+            centre = apply(m_tpl, np.array([[256.0, 256.0]]))[0]
+            assignments[-1]["ref_window"] = reference_window(centre, REF_WINDOW_FACES * size, (h_out, w_out))
     return FaceCondition(canvas=canvas, mask=mask, assignments=assignments,
                          has_reference=any(a["reference_index"] is not None for a in assignments))
+
+
+REF_WINDOW_FACES = 2.0  # a reference is VAE-encoded in a window this many face sizes wide (the placed crop)
+REF_WINDOW_ALIGN = 8  # windows sit on the VAE's latent grid
+
+
+def reference_window(centre, side: float, out_hw, align: int = REF_WINDOW_ALIGN) -> list[int]:
+    """Square window (x0, y0, x1, y1) of ``side`` px around ``centre`` on the ``align`` grid, shifted inside the
+    image (rounded up to the grid) where it fits. Its size depends on the face only, not on the image."""
+    h, w = -(-int(out_hw[0]) // align) * align, -(-int(out_hw[1]) // align) * align
+    n = max(4, int(np.ceil(side / align)))  # at least 4 latents, so GroupNorm has something to normalise
+    out = []
+    for c, extent in ((centre[0], w), (centre[1], h)):
+        k = min(n, extent // align)
+        start = int(round(c / align - k / 2))
+        start = min(max(start, 0), extent // align - k)
+        out.append((start * align, (start + k) * align))
+    (x0, x1), (y0, y1) = out
+    return [x0, y0, x1, y1]
+
+
+def encode_reference_windows(canvas, windows, encode, latent_hw, align: int = REF_WINDOW_ALIGN):
+    """Reference latent (1x4xhxw) from a canvas by encoding each reference's window **on its own**.
+
+    Encoding the whole canvas would let the VAE's GroupNorm statistics depend on how much of it is empty (a
+    crop in training, a mostly empty full-size canvas at inference); a face-sized window gives the same latent
+    for the same face wherever it is and whatever the image size. ``encode(x) -> latent`` takes a 1x3xHxW slice
+    in [-1, 1] (pass a tiled encoder for huge faces). Windows past the canvas edge are zero-padded; overlapping
+    windows are averaged. Training (``train.trainer``) and inference (``pipeline``) both use this."""
+    import torch
+
+    h, w = int(latent_hw[0]), int(latent_hw[1])
+    out, weight = None, torch.zeros(1, 1, h, w, device=canvas.device)
+    for x0, y0, x1, y1 in windows:
+        x0, y0, x1, y1 = (int(v) for v in (x0, y0, x1, y1))
+        part = canvas[..., y0:min(y1, canvas.shape[-2]), x0:min(x1, canvas.shape[-1])]
+        pad = (0, (x1 - x0) - part.shape[-1], 0, (y1 - y0) - part.shape[-2])
+        if any(pad):
+            part = torch.nn.functional.pad(part, pad)
+        lat = encode(part)
+        if out is None:
+            out = torch.zeros(1, lat.shape[1], h, w, device=lat.device, dtype=lat.dtype)
+            weight = weight.to(lat.device, lat.dtype)
+        ly0, lx0 = y0 // align, x0 // align
+        ly1, lx1 = min(ly0 + lat.shape[-2], h), min(lx0 + lat.shape[-1], w)
+        out[..., ly0:ly1, lx0:lx1] += lat[..., :ly1 - ly0, :lx1 - lx0]
+        weight[..., ly0:ly1, lx0:lx1] += 1
+    if out is None:
+        return None
+    return out / weight.clamp_min(1)
 
 
 def _place_reference(canvas, ref: Reference, face: DetectedFace, out_hw, cv2) -> None:

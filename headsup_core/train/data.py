@@ -202,13 +202,16 @@ class PortraitCrops(torch.utils.data.Dataset):
                 "canvas": cond.canvas[0], "mask": cond.mask[0], "has_ref": torch.tensor(cond.has_reference),
                 "boxes": torch.from_numpy(np.array(loss_boxes, np.float32).reshape(-1, 4)),
                 "align": torch.from_numpy(np.array(loss_align, np.float32).reshape(-1, 2, 3)),
-                "tags": s.tags}
+                "tags": s.tags,
+                "ref_windows": torch.tensor([a["ref_window"] for a in cond.assignments if "ref_window" in a],
+                                            dtype=torch.long).reshape(-1, 4)}
 
 
 def collate(items: list[dict]) -> dict:
     out = {k: torch.stack([it[k] for it in items]) for k in ("gt", "canvas", "mask", "has_ref")}
     idx = torch.cat([torch.full((len(it["boxes"]), 1), float(i)) for i, it in enumerate(items)])
     out["tags"] = [it.get("tags", "") for it in items]
+    out["ref_windows"] = [it.get("ref_windows", torch.zeros(0, 4, dtype=torch.long)) for it in items]
     out["faces"] = {"boxes": torch.cat([idx, torch.cat([it["boxes"] for it in items])], 1),
                     "align": torch.cat([it["align"] for it in items])}
     return out

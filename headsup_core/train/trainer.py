@@ -39,16 +39,35 @@ class HeadsUpGenerator(nn.Module):
         conv = model.unet.conv_in  # peft wraps it during training: read the base layer's width
         self.in_channels = int(getattr(conv, "base_layer", conv).in_channels)
 
-    def forward(self, x_src, canvas, mask_px, has_ref, prompt_embeds):
+    def forward(self, x_src, canvas, mask_px, has_ref, prompt_embeds, ref_windows=None):
         m = self.model
         lq_latent = m.encode(x_src)
         mask_lat = mask_to_latent(mask_px, tuple(lq_latent.shape[-2:]))
         ref_latent = None
-        if bool(has_ref.any()):  # as the pipeline: encode the canvas, keep it inside the face mask only
-            ref_latent = m.encode(canvas) * (mask_lat > 0) * has_ref.view(-1, 1, 1, 1).to(lq_latent.dtype)
+        if bool(has_ref.any()):
+            ref_latent = self.reference_latent(canvas, mask_lat, has_ref, ref_windows, lq_latent)
         unet_in = assemble_unet_input(lq_latent, ref_latent, mask_lat, self.in_channels)
         x0 = m.predict_x0(unet_in, lq_latent, prompt_embeds)
         return x0, m.decode(x0)
+
+
+    def reference_latent(self, canvas, mask_lat, has_ref, ref_windows, lq_latent):
+        """As the pipeline: each reference encoded in its own face window (``encode_reference_windows``), then
+        weighted by the soft face mask. ``ref_windows`` None (old callers): the whole canvas is encoded."""
+        from ..faces.condition import encode_reference_windows
+
+        m, hw = self.model, tuple(lq_latent.shape[-2:])
+        if ref_windows is None:
+            ref = m.encode(canvas)
+        else:
+            rows = []
+            for i in range(canvas.shape[0]):
+                lat = None
+                if bool(has_ref[i]) and len(ref_windows[i]):
+                    lat = encode_reference_windows(canvas[i:i + 1], ref_windows[i].tolist(), m.encode, hw)
+                rows.append(lat if lat is not None else lq_latent.new_zeros(1, lq_latent.shape[1], *hw))
+            ref = torch.cat(rows)
+        return ref * mask_lat.to(ref.dtype) * has_ref.view(-1, 1, 1, 1).to(ref.dtype)
 
 
 class _Progress:
@@ -312,7 +331,7 @@ class Trainer:
         with self.acc.accumulate(self.generator):
             with self.acc.autocast():
                 x0, sr = self.generator(x_src, batch["canvas"].to(dev), batch["mask"].to(dev),
-                                        batch["has_ref"].to(dev), embeds)
+                                        batch["has_ref"].to(dev), embeds, batch.get("ref_windows"))
                 losses = image_losses(sr, x_tgt, self.lpips, w["mse"], w["lpips"])
                 if w["vsd"] and self.reg is not None:
                     losses["vsd"] = self.acc.unwrap_model(self.reg).distribution_matching_loss(

@@ -50,7 +50,7 @@ def evaluate(trainer, items: list[dict], save_to=None) -> dict:
             gt = b["gt"].to(dev)
             lq_up = trainer.make_lq(gt, step=i, salt=99991, base_seed=0, resize_mode="bicubic")  # same LQ for every run and seed
             _, sr = gen(lq_up * 2 - 1, b["canvas"].to(dev), b["mask"].to(dev), b["has_ref"].to(dev),
-                        trainer.prompt_embeds_for(b.get("tags")))
+                        trainer.prompt_embeds_for(b.get("tags")), b.get("ref_windows"))
             sr01 = ((sr.float() + 1) / 2).clamp(0, 1)
             mse = F.mse_loss(sr01, gt).item()
             totals["mse"].append(mse)
