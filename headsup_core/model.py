@@ -86,9 +86,18 @@ class HeadsUpModel(torch.nn.Module):
     def vae_dtype(self) -> torch.dtype:
         return next(self.vae.parameters()).dtype
 
+    @property
+    def encoder_dtype(self) -> torch.dtype:
+        """The VAE encoder's dtype (it may differ from the decoder's: per-stage precision, see perf.py)."""
+        return next(self.vae.encoder.parameters()).dtype
+
+    @property
+    def decoder_dtype(self) -> torch.dtype:
+        return next(self.vae.decoder.parameters()).dtype
+
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Image in [-1, 1] -> scaled latent. Posterior mode by default (deterministic), or a sample."""
-        dist = self.vae.encode(x.to(self.vae_dtype)).latent_dist
+        dist = self.vae.encode(x.to(self.encoder_dtype)).latent_dist
         z = dist.sample(generator=generator) if self.sample_latent else dist.mode()
         return z * self.scaling_factor
 
@@ -97,7 +106,7 @@ class HeadsUpModel(torch.nn.Module):
         latent, exactly as ``encode`` takes it from the distribution."""
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-        dist = DiagonalGaussianDistribution(moments.to(self.vae_dtype))
+        dist = DiagonalGaussianDistribution(moments.float())
         z = dist.sample(generator=generator) if self.sample_latent else dist.mode()
         return z.float() * self.scaling_factor
 
@@ -123,4 +132,4 @@ class HeadsUpModel(torch.nn.Module):
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Scaled latent -> image in [-1, 1]."""
-        return self.vae.decode(latent.to(self.vae_dtype) / self.scaling_factor).sample.clamp(-1, 1)
+        return self.vae.decode(latent.to(self.decoder_dtype) / self.scaling_factor).sample.clamp(-1, 1)

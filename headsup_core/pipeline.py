@@ -16,30 +16,18 @@ import torch
 import torch.nn.functional as F
 
 from . import devices
-from .color import COLOR_FIX_MODES, apply_color_fix
-from .errors import HeadsUpError, InputImageError
+from .color import apply_color_fix
+from .errors import HeadsUpError, InputImageError, InterruptedByUser
 from .imageio import from_batch, tensor_to_uint8, to_batch
 from .model import HeadsUpModel, assemble_unet_input, mask_to_latent
+from .options import MAX_SCALE, OPTION_NAMES, UpscaleOptions, check_scale  # noqa: F401 - check_scale re-exported
 from .tiling import TilePlan, run_tiled, tile_count
 
 log = logging.getLogger("headsup")
-MAX_SCALE = 16.0
 MAX_OUTPUT_SIDE = 32768
 # Longer side, in latent units, of the whole-image previews that give tiled VAE stages shared GroupNorm statistics.
 ENCODER_PREVIEW = 64
 DECODER_PREVIEW = 32
-
-
-def check_scale(scale: float) -> float:
-    try:
-        scale = float(scale)
-    except (TypeError, ValueError):
-        raise InputImageError(f"The scale must be a number, got {scale!r}.") from None
-    if not math.isfinite(scale) or scale < 1.0:
-        raise InputImageError(f"Unsupported scale {scale}: HeadsUp upscales, so the scale must be at least 1.")
-    if scale > MAX_SCALE:
-        raise InputImageError(f"Unsupported scale {scale}: at most {MAX_SCALE:g}x; upscale in two passes instead.")
-    return scale
 
 
 def output_size(h: int, w: int, scale: float) -> tuple[int, int]:
@@ -178,39 +166,76 @@ class HeadsUpPipeline:
         return as_references(reference, face_analyzer)
 
     # ----------------------------------------------------------------------------------------------- main
-    def plan_tiles(self, tile_size: int | TilePlan | None) -> TilePlan:
+    def plan_tiles(self, tile_size: int | TilePlan | None, out_hw: tuple[int, int] | None = None,
+                   options: UpscaleOptions | None = None) -> TilePlan:
+        """``tile_size`` as given (a plan, or output pixels for every stage); ``None``: from the memory budget
+        for an ``out_hw`` output (without ``out_hw``, the device's fixed default)."""
         if isinstance(tile_size, TilePlan):
             return tile_size
+        if tile_size is None and out_hw is not None:
+            from . import memory
+
+            opts = options or UpscaleOptions()
+            budget = memory.budget_bytes(self.device, opts.memory_fraction, opts.memory_budget_mb)
+            return memory.plan_for_budget(self.model, self.latent_size(out_hw), budget, self.device,
+                                          opts.vae_tiling or "exact")
         if tile_size is None:
             return TilePlan.for_device(self.device)
         if int(tile_size) < 64:
             raise InputImageError(f"tile_size {tile_size} is too small; use at least 64 output pixels.")
         return TilePlan.from_tile_size(int(tile_size), self.model.vae_scale)
 
+    def latent_size(self, out_hw: tuple[int, int]) -> tuple[int, int]:
+        """Latent size of an ``out_hw`` output once padded to the UNet's pixel multiple."""
+        from .memory import latent_size
+
+        return latent_size(out_hw, self._pixel_multiple(), self.model.vae_scale)
+
+    def _pixel_multiple(self) -> int:
+        # UNet downsamplings need it; a model without a diffusers UNet config (the ComfyUI backend) names it.
+        model = self.model
+        return getattr(model, "pixel_multiple", None) or model.vae_scale * 2 ** (len(model.unet.config.block_out_channels) - 1)
+
+    def plan_for(self, image, options: UpscaleOptions | None = None) -> TilePlan:
+        """The tile plan ``upscale(image, options=options)`` runs with (what the OOM retry halves)."""
+        opts = options or UpscaleOptions()
+        h, w = image if isinstance(image, tuple) else to_batch(image).size
+        out_hw = output_size(h, w, opts.scale)
+        plan = self.plan_tiles(opts.tile_size, out_hw, opts)
+        if opts.vae_tiling is not None:  # "exact" (default: whole-image GroupNorm statistics) or "fast" (preview)
+            plan = dataclasses.replace(plan, vae_mode=opts.vae_tiling)
+        return plan
+
     @torch.no_grad()
     def upscale(self, image, scale: float = 4.0, reference=None, prompt: str | None = None,
-                tile_size: int | None = None, color_fix: str = "adain", seed: int = 0, *,
-                prompt_embeds=None, face_analyzer=None, progress: Callable[[int, int], Any] | None = None,
-                return_info: bool = False, strength: float = 1.0, match_threshold: float | None = None,
-                mask_without_reference: bool = True, tag_source: Callable | None = None,
-                vae_tiling: str | None = None):
-        """Upscale ``image`` (PIL, HxWxC uint8 numpy, or BxHxWxC float tensor); the result is the same kind."""
-        scale = check_scale(scale)
-        if color_fix not in COLOR_FIX_MODES:
-            raise InputImageError(f"Unknown colour fix {color_fix!r}; choose one of {', '.join(COLOR_FIX_MODES)}.")
-        if not 0.0 <= float(strength) <= 1.0:
-            raise InputImageError(f"strength must be between 0 and 1, got {strength}.")
+                tile_size: int | TilePlan | None = None, color_fix: str = "adain", seed: int = 0, *,
+                options: UpscaleOptions | None = None, face_analyzer=None,
+                progress: Callable[[int, int], Any] | None = None, interrupt: Callable[[], bool] | None = None,
+                return_info: bool = False, **option_fields):
+        """Upscale ``image`` (PIL, HxWxC uint8 numpy, or BxHxWxC float tensor); the result is the same kind.
+
+        The request is ``options`` (an ``UpscaleOptions``) with the keywords applied on top (a keyword left at
+        its default does not override); every ``UpscaleOptions`` field is accepted as a keyword (``strength``,
+        ``prompt_embeds``, ``match_threshold``, ``vae_tiling``, ``memory_fraction``, ...). ``progress(done,
+        total)`` is called after every tile; ``interrupt()`` is polled there too and, when it returns True, the
+        run stops with ``InterruptedByUser`` (every front end maps that to its host's convention).
+        """
+        unknown = sorted(set(option_fields) - set(OPTION_NAMES))
+        if unknown:
+            raise TypeError(f"upscale() got unexpected keyword argument(s): {', '.join(unknown)}")
+        opts = UpscaleOptions.merge(options, scale=scale, prompt=prompt, tile_size=tile_size, color_fix=color_fix,
+                                    seed=seed, **option_fields)
+        if interrupt is not None and interrupt():
+            raise InterruptedByUser("Interrupted by the user before the upscale started.")
         batch = to_batch(image)
         refs = self._references(reference, face_analyzer)
-        tag_source = tag_source or self.tag_source
+        tag_source = opts.tag_source or self.tag_source
+        prompt, prompt_embeds = opts.prompt, opts.prompt_embeds
         embeds = None if tag_source is not None and prompt_embeds is None else self._prompt_embeds(prompt, prompt_embeds)
-        plan = self.plan_tiles(tile_size)
-        if vae_tiling is not None:  # "exact" (default: whole-image GroupNorm statistics) or "fast" (preview)
-            if vae_tiling not in ("exact", "fast"):
-                raise InputImageError(f"Unknown VAE tiling mode {vae_tiling!r}; use 'exact' or 'fast'.")
-            plan = dataclasses.replace(plan, vae_mode=vae_tiling)
         h, w = batch.size
-        oh, ow = output_size(h, w, scale)
+        oh, ow = output_size(h, w, opts.scale)
+        plan = self.plan_for((h, w), opts)
+        log.debug("HeadsUp tiles for %dx%d: %s", ow, oh, plan.describe())
         total = batch.rgb.shape[0] * self._tiles_per_image(oh, ow, plan, refs is not None)
         done = [0]
 
@@ -218,6 +243,8 @@ class HeadsUpPipeline:
             done[0] += 1
             if progress is not None:
                 progress(done[0], total)
+            if interrupt is not None and interrupt():
+                raise InterruptedByUser("Interrupted by the user.")
 
         outputs, masks, assignments, timings = [], [], [], []
         for i in range(batch.rgb.shape[0]):
@@ -225,9 +252,8 @@ class HeadsUpPipeline:
                 emb = self._prompt_embeds(prompt, None, tags=tag_source(batch.rgb[i:i + 1]))
             else:
                 emb = embeds[i:i + 1] if embeds.shape[0] == batch.rgb.shape[0] else embeds[:1]
-            out, mask, assigned, timing = self._upscale_one(
-                batch.rgb[i:i + 1], (oh, ow), refs, emb, plan, color_fix, seed, face_analyzer, tick,
-                float(strength), match_threshold, mask_without_reference)
+            out, mask, assigned, timing = self._upscale_one(batch.rgb[i:i + 1], (oh, ow), refs, emb, plan, opts,
+                                                            face_analyzer, tick)
             outputs.append(out)
             masks.append(mask)
             assignments.append(assigned)
@@ -240,11 +266,10 @@ class HeadsUpPipeline:
         if not return_info:
             return result
         return result, {"face_mask": torch.cat(masks), "assignments": assignments, "timings": timings,
-                        "output_size": (oh, ow)}
+                        "output_size": (oh, ow), "tile_plan": plan}
 
     def _tiles_per_image(self, oh: int, ow: int, plan: TilePlan, with_reference: bool) -> int:
-        s = self.model.vae_scale
-        lh, lw = math.ceil(oh / s), math.ceil(ow / s)
+        lh, lw = self.latent_size((oh, ow))
         enc = plan.vae_tile_count(lh, lw, "encoder")
         return (enc * (2 if with_reference else 1) + tile_count(lh, lw, plan.unet_tile, plan.unet_overlap)
                 + plan.vae_tile_count(lh, lw, "decoder"))
@@ -266,7 +291,7 @@ class HeadsUpPipeline:
             from .tiled_vae import encoder_forward, run_exact
 
             def fwd(vae, t, park):
-                t = t.to(model.vae_dtype)
+                t = t.to(model.encoder_dtype)
                 return encoder_forward(vae, t * 2 - 1 if to_unit else t, park)
 
             def run():
@@ -287,7 +312,7 @@ class HeadsUpPipeline:
             from .tiled_vae import decoder_forward, run_exact
 
             def fwd(vae, t, park):
-                return decoder_forward(vae, t.to(model.vae_dtype) / model.scaling_factor, park)
+                return decoder_forward(vae, t.to(model.decoder_dtype) / model.scaling_factor, park)
 
             def run():
                 return run_exact(fwd, model.vae, x0, tile=plan.decoder_tile, context=plan.decoder_context,
@@ -331,19 +356,23 @@ class HeadsUpPipeline:
         timing[f"{stage}_peak_mb"] = devices.peak_memory_bytes(device) / 2**20
         devices.reset_peak_memory(device)
 
-    def _upscale_one(self, lq, out_hw, refs, embeds, plan, color_fix, seed, face_analyzer, tick, strength,
-                     match_threshold, mask_without_reference):
+    def _upscale_one(self, lq, out_hw, refs, embeds, plan: TilePlan, opts: UpscaleOptions, face_analyzer, tick):
+        from .memory import stage_overhead
+
         model, dev = self.model, self.device
         s = model.vae_scale
         oh, ow = out_hw
+        seed, strength = opts.seed, opts.strength
         timing: dict[str, float] = {}
         devices.reset_peak_memory(dev)
         t0 = time.perf_counter()
         up = F.interpolate(lq, size=(oh, ow), mode="bicubic", align_corners=False).clamp_(0, 1)
-        # UNet downsamplings need it; a model without a diffusers UNet config (the ComfyUI backend) names it.
-        multiple = getattr(model, "pixel_multiple", None) or s * 2 ** (len(model.unet.config.block_out_channels) - 1)
+        multiple = self._pixel_multiple()
         padded = _pad_to_multiple(up, multiple)
         lh, lw = padded.shape[-2] // s, padded.shape[-1] // s
+        for stage, key in (("encoder", "encode"), ("unet", "unet"), ("decoder", "decode")):
+            # Tile overhead: extra latent pixels computed for overlaps and context, over the image's (0 = untiled).
+            timing[f"{key}_tiles"], timing[f"{key}_overhead"] = stage_overhead(plan, (lh, lw), stage)
         generator = torch.Generator(device=dev).manual_seed(int(seed)) if model.sample_latent else None
 
         face_mask_px = torch.zeros(1, 1, oh, ow)
@@ -353,7 +382,8 @@ class HeadsUpPipeline:
             from .faces import build_face_condition
 
             cond = build_face_condition(tensor_to_uint8(lq)[0], (oh, ow), face_analyzer, refs,
-                                        match_threshold=match_threshold, mask_without_reference=mask_without_reference)
+                                        match_threshold=opts.match_threshold,
+                                        mask_without_reference=opts.mask_without_reference)
             face_mask_px, assigned = cond.mask.float().cpu(), list(cond.assignments)
             # Training always conditions on a face mask, so inference draws it whenever faces are analysed.
             log.info("HeadsUp: face mask drawn on %d face(s) (%s face backend)%s", len(assigned),
@@ -394,5 +424,5 @@ class HeadsUpPipeline:
         self._mark_peak(timing, "decode", dev)
         log.debug("HeadsUp %dx%d: %s", ow, oh, ", ".join(f"{k}={v:.2f}" for k, v in timing.items()))
         out = ((y[..., :oh, :ow] + 1) / 2).clamp_(0, 1)
-        out = apply_color_fix(out, up.cpu(), color_fix)
+        out = apply_color_fix(out, up.cpu(), opts.color_fix)
         return out, face_mask_px, assigned, timing

@@ -9,6 +9,7 @@ covers the input, the stage runs once on the whole input, which is bit-identical
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -60,6 +61,25 @@ class TilePlan:
         t = max(8, int(tile_size) // vae_scale // 8 * 8)  # multiples of 8 latents fit the UNet's downsamplings
         return cls(encoder_tile=t, encoder_overlap=max(2, t // 8), unet_tile=t, unet_overlap=max(2, t // 3),
                    decoder_tile=t, decoder_overlap=max(2, t // 8))
+
+    def halved(self, min_tile: int = 8) -> "TilePlan | None":
+        """Every stage's tile halved (multiples of 8 latents, at least ``min_tile``; overlaps kept below a third
+        of the tile), for the out-of-memory retry; None when every tile is already at the minimum."""
+        def half(t: int) -> int:
+            return max(min_tile, t // 2 // 8 * 8)
+
+        enc, unet, dec = half(self.encoder_tile), half(self.unet_tile), half(self.decoder_tile)
+        if (enc, unet, dec) == (self.encoder_tile, self.unet_tile, self.decoder_tile):
+            return None
+        return dataclasses.replace(
+            self, encoder_tile=enc, unet_tile=unet, decoder_tile=dec,
+            encoder_overlap=min(self.encoder_overlap, max(2, enc // 8)),
+            unet_overlap=min(self.unet_overlap, max(2, unet // 3)),
+            decoder_overlap=min(self.decoder_overlap, max(2, dec // 8)))
+
+    def describe(self) -> str:
+        return (f"encoder {self.encoder_tile}, UNet {self.unet_tile}/{self.unet_overlap}, decoder "
+                f"{self.decoder_tile} latents ({self.vae_mode} VAE tiles)")
 
     def vae_tile_count(self, h: int, w: int, stage: str) -> int:
         """Tiles of a VAE stage on an h x w latent grid."""
