@@ -24,6 +24,13 @@ def memory_estimate(image, scale, tile, dtype):
     return int(per_tile + out_pixels * 4 * 4)  # + the float output image and its blend weights
 
 
+def memory_required(pipe, image, options) -> int:
+    """Activation bytes of the core's plan for this request (ComfyUI adds the weights itself)."""
+    from headsup_core.memory import estimate_request
+
+    return max(1, int(estimate_request(pipe, image, options)["activations"]))
+
+
 def prompt_embeds_from(conditioning):
     """CONDITIONING -> its first text embedding (BxTxD); the core checks it against the model."""
     if conditioning is None:
@@ -79,37 +86,35 @@ class HeadsUpUpscale(io.ComfyNode):
                 conditioning=None, strength=1.0, match_threshold=0.3) -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
-        from headsup_core.errors import HeadsUpError
+        from headsup_core import memory
+        from headsup_core.errors import InterruptedByUser
+        from headsup_core.options import UpscaleOptions
 
         pipe = model.pipe
         references = list(reference.references) if reference is not None else None
         analyzer = face_analysis if face_analysis is not None else getattr(reference, "analyzer", None)
-        embeds = prompt_embeds_from(conditioning)
-        dtype = pipe.dtype
         bar = {}
 
         def progress(done, total):
-            mm.throw_exception_if_processing_interrupted()
             if bar.get("total") != total:
                 bar["total"], bar["pbar"] = total, comfy.utils.ProgressBar(total)
             bar["pbar"].update_absolute(done, total)
 
-        tile = tile_size or None
-        while True:
-            model.load(memory_estimate(image, scale, tile, dtype))
-            try:
-                out, info = pipe.upscale(image, scale=scale, reference=references, tile_size=tile,
-                                         color_fix=color_fix, prompt_embeds=embeds, face_analyzer=analyzer,
-                                         progress=progress, return_info=True, strength=strength,
-                                         match_threshold=match_threshold)
-                break
-            except mm.OOM_EXCEPTION:
-                mm.soft_empty_cache(True)
-                tried, tile = tile or DEFAULT_TILE, (tile or DEFAULT_TILE) // 2
-                if tile < MIN_TILE:
-                    raise HeadsUpError(f"HeadsUp ran out of memory even with {tried}-pixel tiles; free memory "
-                                       "(close other models) or use a smaller image.") from None
-                log.warning("HeadsUp: out of memory, retrying with tile_size=%d", tile)
+        # 0 in the widget: tiles from the core's memory budget. The core's one OOM retry halves them.
+        opts = UpscaleOptions(scale=scale, tile_size=tile_size or None, color_fix=color_fix, strength=strength,
+                              match_threshold=match_threshold, prompt_embeds=prompt_embeds_from(conditioning))
+        try:
+            out, info = memory.upscale_with_retry(
+                pipe, image, options=opts, reference=references, face_analyzer=analyzer, progress=progress,
+                interrupt=mm.processing_interrupted, return_info=True,
+                is_oom=lambda exc: isinstance(exc, mm.OOM_EXCEPTION) or memory.is_oom(exc),
+                before_try=lambda o: model.load(memory_required(pipe, image, o)),
+                after_oom=lambda: mm.soft_empty_cache(True))
+        except InterruptedByUser:
+            # The core's interrupt -> ComfyUI's own: the queue shows the prompt as interrupted, not failed.
+            log.info("HeadsUp: interrupted by the user.")
+            mm.throw_exception_if_processing_interrupted()
+            raise mm.InterruptProcessingException() from None
 
         device = mm.intermediate_device()
         mask = info.get("face_mask")

@@ -128,20 +128,37 @@ class FakePipe:
     def __init__(self, oom_above=None, tiles=3):
         self.model, self.calls, self.oom_above, self.tiles = FakeModel(), [], oom_above, tiles
 
-    def upscale(self, image, scale=4.0, reference=None, prompt=None, tile_size=None, color_fix="adain", seed=0, *,
-                prompt_embeds=None, face_analyzer=None, progress=None, return_info=False, strength=1.0,
-                match_threshold=0.3):
-        self.calls.append(dict(tile_size=tile_size, reference=reference, prompt_embeds=prompt_embeds,
-                               face_analyzer=face_analyzer, color_fix=color_fix, strength=strength,
-                               match_threshold=match_threshold))
+    device = torch.device("cpu")
+
+    def upscale(self, image, reference=None, *, options, face_analyzer=None, progress=None, interrupt=None,
+                return_info=False):
+        from headsup_core.errors import InterruptedByUser
+
+        ts = options.tile_size
+        tile_size = ts if ts is None or isinstance(ts, int) else ts.unet_tile * 8  # a halved plan, in pixels
+        scale = options.scale
+        self.calls.append(dict(tile_size=tile_size, reference=reference, prompt_embeds=options.prompt_embeds,
+                               face_analyzer=face_analyzer, color_fix=options.color_fix, strength=options.strength,
+                               match_threshold=options.match_threshold))
         if self.oom_above is not None and (tile_size or 512) > self.oom_above:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
         for t in range(self.tiles):
             progress(t + 1, self.tiles)
+            if interrupt is not None and interrupt():
+                raise InterruptedByUser("stopped")
         b, h, w, c = image.shape
         out = image.repeat_interleave(int(scale), 1).repeat_interleave(int(scale), 2)
         info = {"face_mask": torch.ones(b, 1, h * int(scale), w * int(scale)), "assignments": [[]] * b}
         return (out, info) if return_info else out
+
+    def plan_for(self, image, options):
+        from headsup_core.tiling import TilePlan
+
+        ts = options.tile_size
+        return ts if isinstance(ts, TilePlan) else TilePlan.from_tile_size(ts or 512)
+
+    def latent_size(self, out_hw):
+        return out_hw[0] // 8, out_hw[1] // 8
 
 
 def _handle(pack, pipe):
