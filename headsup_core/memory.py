@@ -102,10 +102,12 @@ def _width(module, default: int) -> int:
 
 
 def _bytes(model, attr: str) -> int:
-    try:
-        return torch.finfo(getattr(model, attr)).bits // 8
-    except (AttributeError, TypeError, StopIteration):
-        return torch.finfo(model.dtype).bits // 8
+    for name in (attr, "dtype"):
+        try:
+            return torch.finfo(getattr(model, name)).bits // 8
+        except (AttributeError, TypeError, StopIteration):
+            continue
+    return 4
 
 
 def weights_bytes(model) -> int:
@@ -173,6 +175,19 @@ def estimate(model, plan: TilePlan, latent_hw: tuple[int, int], device: torch.de
     out["activations"] = out["images"] + max(stages.values())
     out["peak"] = out["weights"] + out["activations"]
     return out
+
+
+def estimate_request(pipe, image, options=None) -> dict:
+    """``estimate`` for the plan ``pipe.upscale(image, options=options)`` would run (e.g. ComfyUI's
+    ``memory_required``: its ``activations``)."""
+    from .imageio import to_batch
+    from .options import UpscaleOptions
+    from .pipeline import output_size
+
+    opts = options or UpscaleOptions()
+    h, w = image if isinstance(image, tuple) else to_batch(image).size
+    out_hw = output_size(h, w, opts.scale)
+    return estimate(pipe.model, pipe.plan_for((h, w), opts), pipe.latent_size(out_hw), pipe.device)
 
 
 def plan_for_budget(model, latent_hw: tuple[int, int], budget: int, device: torch.device,
