@@ -194,7 +194,10 @@ def _submit(srv, api):
 def _wait(srv, prompt_id, timeout=600):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        entry = _get(srv, f"/history/{prompt_id}").get(prompt_id)
+        try:
+            entry = _get(srv, f"/history/{prompt_id}").get(prompt_id)
+        except (TimeoutError, urllib.error.URLError):  # a busy server on a loaded CPU answers late; ask again
+            entry = None
         if entry and entry.get("status", {}).get("completed") is not None and (
                 entry["status"]["completed"] or entry["status"].get("status_str") == "error"):
             return entry
