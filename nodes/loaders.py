@@ -29,6 +29,8 @@ HEADSUP_MODEL = io.Custom("HEADSUP_MODEL")
 FACE_ANALYSIS = io.Custom("HEADSUP_FACE_ANALYSIS")
 
 DTYPES = list(DTYPE_CHOICES)
+# "auto" first: a new node picks a working backend; saved workflows keep the value they stored.
+FACE_BACKENDS = ["auto", "insightface", "facexlib", "dlib"]
 PROVIDERS = ["auto", "CPU", "CUDA", "ROCm", "DirectML", "CoreML"]
 _ORT_PROVIDERS = {"CPU": "CPUExecutionProvider", "CUDA": "CUDAExecutionProvider", "ROCm": "ROCMExecutionProvider",
                   "DirectML": "DmlExecutionProvider", "CoreML": "CoreMLExecutionProvider"}
@@ -155,6 +157,38 @@ def _device_options(choice, backend="insightface"):
     return dict(providers=[_ORT_PROVIDERS[choice]], device="cpu" if choice == "CPU" else "cuda")
 
 
+def _load_cached_auto_or_dlib(backend, pack, provider, is_facexlib_pack):
+    """dlib runs on the CPU from its registry package; auto tries the chosen insightface pack (when it is on
+    disk), then dlib, then facexlib weights from models/facedetection, in the core's order."""
+    from headsup_core.errors import MissingModelError
+    from headsup_core.faces import load_face_analyzer
+    from headsup_core.faces.analyzer import load_auto
+
+    insightface_root = None
+    if backend == "auto" and not is_facexlib_pack:
+        try:
+            insightface_root = paths.resolve_insightface_root(pack)
+        except MissingModelError:
+            insightface_root = None  # not on disk: auto moves on to dlib
+    facexlib = paths.facexlib_root() if backend == "auto" else None
+    kwargs = _device_options(provider, "insightface") if insightface_root else {}
+    key = (backend, insightface_root, facexlib, pack if insightface_root else None, provider)
+    analyzer = _ANALYZER_CACHE.get(key)
+    if analyzer is None:
+        if backend == "dlib":
+            analyzer = load_face_analyzer("dlib")
+        else:
+            analyzer = load_auto(insightface_root=insightface_root, facexlib_root=facexlib,
+                                 pack=pack if insightface_root else None, **kwargs)
+            if analyzer is None:
+                raise MissingModelError(
+                    "No face backend is available: no insightface pack in models/insightface/models, dlib is not "
+                    "installed and there are no facexlib weights in models/facedetection. Install dlib with "
+                    "'pip install dlib-bin face-recognition-models' (commercial use allowed), or add a pack.")
+    _remember(_ANALYZER_CACHE, key, analyzer)
+    return analyzer
+
+
 class HeadsUpFaceAnalysisLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -164,9 +198,14 @@ class HeadsUpFaceAnalysisLoader(io.ComfyNode):
             category="HeadsUp",
             description="Loads a face detector + identity model used to place references and build the face mask.",
             inputs=[
-                io.Combo.Input("backend", options=["insightface", "facexlib"], default="insightface",
-                               tooltip="insightface: ONNX packs (detection + ArcFace identity; non-commercial "
-                                       "licence). facexlib: RetinaFace/BiSeNet in torch from models/facedetection."),
+                io.Combo.Input("backend", options=FACE_BACKENDS, default="auto",
+                               tooltip="auto: the first available of an insightface pack (the one chosen below, "
+                                       "if present), dlib (installed with this pack; commercial use allowed), then "
+                                       "facexlib weights; the choice and its licence are logged. insightface: ONNX "
+                                       "packs (detection + ArcFace identity; non-commercial licence). facexlib: "
+                                       "RetinaFace/BiSeNet in torch from models/facedetection. dlib: HOG detector, "
+                                       "5-point landmarks and ResNet identity from the face-recognition-models "
+                                       "package, on the CPU."),
                 io.Combo.Input("pack", options=paths.list_face_packs(),
                                tooltip="insightface: a pack from models/insightface/models/<pack>/ (antelopev2, "
                                        "buffalo_l, ...). facexlib: a 'facexlib/...' RetinaFace detector, read from "
@@ -185,6 +224,8 @@ class HeadsUpFaceAnalysisLoader(io.ComfyNode):
         from headsup_core.errors import InputImageError
 
         is_facexlib_pack = pack.startswith(paths.FACEXLIB_PREFIX)
+        if backend in ("auto", "dlib"):
+            return io.NodeOutput(_load_cached_auto_or_dlib(backend, pack, provider, is_facexlib_pack))
         if backend == "insightface":
             if is_facexlib_pack:
                 raise InputImageError(f"The insightface backend needs an insightface pack, not '{pack}'; choose "

@@ -164,3 +164,21 @@ def test_native_patch_tensors_match_the_core_merge(pack, tiny):
     converted = load_headsup(convert_osediff(tiny["osediff"], Path(str(tiny["osediff"]) + ".test.safetensors")))
     assert torch.allclose(weight, converted.unet_state["conv_in.weight"][:, :4], atol=1e-6)
     assert torch.equal(bias.float(), converted.unet_state["conv_in.bias"].float())
+
+
+def test_face_loader_auto_prefers_the_installed_pack_then_dlib(pack):
+    """auto takes the insightface pack chosen in the widget when it is on disk; with a pack that is not on disk
+    it falls back to dlib (installed with the pack), which finds the six real faces of t1.jpg."""
+    loader = pack.nodes["HeadsUpFaceAnalysisLoader"]
+    backend_input = {i.id: i for i in loader.GET_SCHEMA().inputs}["backend"]
+    assert backend_input.options[0] == "auto" and backend_input.default == "auto"
+    assert {"insightface", "facexlib", "dlib"} <= set(backend_input.options)
+
+    with_pack = loader.execute(backend="auto", pack="tiny", provider="auto")[0]
+    assert type(with_pack).__name__ == "InsightFaceAnalyzer" and "insightface" in with_pack.auto_note
+
+    fallback = loader.execute(backend="auto", pack="antelopev2", provider="auto")[0]  # not on disk
+    assert "dlib" in fallback.auto_note
+    explicit = loader.execute(backend="dlib", pack="antelopev2", provider="CPU")[0]
+    assert type(explicit) is type(fallback) and type(fallback).__name__ == "DlibAnalyzer"
+    assert len(fallback.detect(np.asarray(_photo("t1.jpg")))) == 6
