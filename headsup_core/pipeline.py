@@ -70,49 +70,11 @@ class HeadsUpPipeline:
         ``", ,"`` (OSEDiff's prompt form with no tags and no prompt). ``configs`` overrides the shipped SD2
         configs for single files (``{"unet", "vae", "text_encoder"}``).
         """
-        from .base_models import load_base, widen_conv_in
-        from .checkpoint import apply_weights, base_warnings, load_weights
-        from .licences import describe_licence
-        from .loading.text_encoder import PromptEncoder, osediff_prompt
+        from .loading.build import build_model
 
-        dev = devices.pick_device(device)
-        dt = devices.pick_dtype(dtype, dev)
-        base_models = load_base(base, prediction_type, configs=configs)
-        pred, timestep, embeds, meta = base_models.prediction_type, 999, None, {}
-        if weights is not None:
-            loaded = load_weights(weights)
-            for warning in base_warnings(base_models, loaded):
-                log.warning("HeadsUp: %s", warning)
-            apply_weights(base_models.unet, base_models.vae, loaded)
-            meta, embeds, timestep = dict(loaded.metadata), loaded.prompt_embeds, loaded.timestep
-            if loaded.kind == "headsup" and prediction_type is None:
-                pred = meta.get("prediction_type", pred)
-        else:
-            widen_conv_in(base_models.unet)
-            log.warning("No HeadsUp weights given: running the bare base model (output is not super-resolved "
-                        "meaningfully; use this only for install checks).")
-        for path in (base, weights):
-            if path is not None:
-                note = describe_licence(str(path))
-                if note:
-                    log.info(note)
-        loader = base_models.text_encoder_loader
-        if embeds is None:
-            if loader is not None:
-                embeds = PromptEncoder(loader, base_models.cache_key).encode(osediff_prompt())
-            else:
-                log.warning(
-                    "HeadsUp: WARNING: no text conditioning. The weights store no prompt embedding and the base %s "
-                    "has no text encoder, so the UNet gets an all-zero embedding, which OSEDiff never saw (every "
-                    "cross-attention layer then outputs a constant). Fix: use a base file that contains its text "
-                    "encoder (e.g. v2-1_512-ema-pruned.safetensors), or store the embedding once with "
-                    "`headsup convert-osediff IN.pkl -o OUT.safetensors --base <SD2.1-base file>`.", base)
-        model = HeadsUpModel(base_models.vae, base_models.unet, pred, timestep, embeds, sample_latent, meta)
-        model.requires_grad_(False).eval()
-        model.to(device=dev, dtype=dt)
-        return cls(model, loader, {"base": str(base), "weights": str(weights), "base_key": base_models.cache_key,
-                                   "base_layout": base_models.layout, "base_fingerprint": base_models.fingerprint},
-                   tag_source=tag_source)
+        model, info = build_model(base, weights, device, dtype, prediction_type=prediction_type,
+                                  sample_latent=sample_latent, configs=configs)
+        return cls(model, info.pop("text_encoder_loader"), info, tag_source=tag_source)
 
     def to(self, device=None, dtype=None) -> "HeadsUpPipeline":
         self.model.to(device=device, dtype=dtype)

@@ -15,8 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from headsup_core import HeadsUpPipeline
-from headsup_core.base_models import identify_architecture, identify_layout, load_base
-from headsup_core.checkpoint import base_warnings, convert_osediff_with_base, load_weights
+from headsup_core.loading.base import identify_architecture, identify_layout, load_base
+from headsup_core.loading.weights import base_warnings, convert_osediff_with_base, load_weights
 from headsup_core.errors import WeightsError
 from headsup_core.loading.text_encoder import (TEXT_PREFIXES, convert_text_encoder, find_bpe_vocab, osediff_prompt,
                                                sd2_tokenizer, text_layout, tokenize)

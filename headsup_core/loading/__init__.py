@@ -1,1 +1,6 @@
-"""Loading: base files, weights formats, model surgery and the text encoder (one home for all loading)."""
+"""Loading, in one place: base files (``base``), weights formats read and write (``weights``), model surgery
+(``surgery``: LoRA placement/merge, conv_in widening), the text encoder and tokenizer (``text_encoder``), and
+``build_model`` (``build``), which the pipeline, the trainer and the benches use.
+
+``headsup_core.base_models``, ``.checkpoint`` and ``.lora`` remain as re-export shims.
+"""

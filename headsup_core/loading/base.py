@@ -16,11 +16,12 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import MissingModelError, WeightsError
-from .loading.text_encoder import TEXT_PREFIXES, check_text_tower, single_file_text_loader, text_config, text_layout
+from ..errors import MissingModelError, WeightsError
+from .surgery import widen_conv_in  # noqa: F401 - re-exported (conv_in surgery lives in surgery.py)
+from .text_encoder import TEXT_PREFIXES, check_text_tower, single_file_text_loader, text_config, text_layout
 
 log = logging.getLogger("headsup")
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 LDM_UNET = "model.diffusion_model."
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 TINY_CONFIG_KEY = "headsup_base_config"  # metadata key with diffusers configs, written by `make-tiny` only
@@ -274,7 +275,7 @@ def load_diffusers_folder(path: str, prediction_type: str | None = None) -> Base
         def loader(path=path):
             from transformers import CLIPTextModel, CLIPTokenizer
 
-            from .loading.text_encoder import quiet_transformers, sd2_tokenizer
+            from .text_encoder import quiet_transformers, sd2_tokenizer
 
             with quiet_transformers():
                 if os.path.isdir(os.path.join(path, "tokenizer")):
@@ -306,20 +307,3 @@ def load_base(path: str | os.PathLike, prediction_type: str | None = None, confi
     if base.prediction_type not in ("epsilon", "v_prediction"):
         raise WeightsError(f"Unsupported prediction type {base.prediction_type!r} in {path}.")
     return base
-
-
-@torch.no_grad()
-def widen_conv_in(unet, in_channels: int = 9) -> None:
-    """Give the UNet's ``conv_in`` extra input channels, zero-initialised so the old behaviour is unchanged."""
-    old = unet.conv_in
-    if old.in_channels == in_channels:
-        return
-    if old.in_channels > in_channels:
-        raise WeightsError(f"The UNet already has {old.in_channels} input channels (> {in_channels}).")
-    new = torch.nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
-                          device=old.weight.device, dtype=old.weight.dtype)
-    new.weight.zero_()
-    new.weight[:, : old.in_channels] = old.weight
-    new.bias.copy_(old.bias)
-    unet.conv_in = new
-    unet.register_to_config(in_channels=in_channels)

@@ -1,4 +1,4 @@
-"""LoRA placement (OSEDiff's exact target selection) and merging, through peft.
+"""Model surgery: LoRA placement (OSEDiff's exact target selection) and merging through peft, conv_in widening.
 
 OSEDiff puts rank-4 LoRA on every conv/attention/feed-forward weight of the UNet, split into three adapters
 (``default_encoder`` for down blocks and ``conv_in``, ``default_decoder`` for up blocks and ``conv_out``,
@@ -8,6 +8,8 @@ below reproduces its name matching exactly, so an OSEDiff ``.pkl`` loads key for
 from __future__ import annotations
 
 import torch
+
+from ..errors import WeightsError
 
 UNET_PATTERNS = ["to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in", "conv_shortcut",
                  "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj"]
@@ -112,3 +114,20 @@ def merge_adapters(model: torch.nn.Module) -> int:
         except AttributeError:
             pass
     return len(wrapped)
+
+
+@torch.no_grad()
+def widen_conv_in(unet, in_channels: int = 9) -> None:
+    """Give the UNet's ``conv_in`` extra input channels, zero-initialised so the old behaviour is unchanged."""
+    old = unet.conv_in
+    if old.in_channels == in_channels:
+        return
+    if old.in_channels > in_channels:
+        raise WeightsError(f"The UNet already has {old.in_channels} input channels (> {in_channels}).")
+    new = torch.nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
+                          device=old.weight.device, dtype=old.weight.dtype)
+    new.weight.zero_()
+    new.weight[:, : old.in_channels] = old.weight
+    new.bias.copy_(old.bias)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=in_channels)

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from .base_models import base_fingerprint, read_state_dict
-from .errors import MissingModelError, WeightsError
-from .lora import DEFAULT_LORA_ALPHA, UNET_ADAPTERS, VAE_ADAPTER
+from ..errors import MissingModelError, WeightsError
+from .base import base_fingerprint, read_state_dict
+from .surgery import DEFAULT_LORA_ALPHA, UNET_ADAPTERS, VAE_ADAPTER
 
 FORMAT = "headsup"
 FORMAT_VERSION = 1
@@ -143,8 +143,7 @@ def load_tensors_into(module: torch.nn.Module, state: dict[str, torch.Tensor], w
 
 def apply_weights(unet, vae, weights: LoadedWeights, in_channels: int = 9) -> None:
     """Add the adapters with peft, load their tensors, merge them, then install the full ``conv_in``."""
-    from .base_models import widen_conv_in
-    from .lora import add_adapters, merge_adapters
+    from .surgery import add_adapters, merge_adapters, widen_conv_in
 
     add_adapters(unet, weights.unet_groups, weights.rank_unet, weights.alpha_unet)
     add_adapters(vae, weights.vae_groups, weights.rank_vae, weights.alpha_vae)
@@ -302,8 +301,8 @@ def convert_osediff(pkl_path: str | os.PathLike, out_path: str | os.PathLike, in
 def convert_osediff_with_base(pkl_path, out_path, base, in_channels: int = 9) -> str:
     """``convert_osediff`` storing the default conditioning (``base``'s text encoder on ``", ,"``) and the base's
     fingerprint, so later runs need no text encoder and warn if used on another base."""
-    from .base_models import load_base
-    from .loading.text_encoder import PromptEncoder, osediff_prompt
+    from .base import load_base
+    from .text_encoder import PromptEncoder, osediff_prompt
 
     b = load_base(base)
     if b.text_encoder_loader is None:

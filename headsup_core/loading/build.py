@@ -1,0 +1,67 @@
+"""``build_model``: the one way a ``HeadsUpModel`` is made from files (pipeline, trainer, bench)."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .. import devices
+from ..model import HeadsUpModel
+
+log = logging.getLogger("headsup")
+
+
+def build_model(base, weights=None, device=None, dtype=None, *, prediction_type: str | None = None,
+                sample_latent: bool = False, configs: dict | None = None) -> tuple[HeadsUpModel, dict[str, Any]]:
+    """Load the SD2.x ``base`` (diffusers folder or single file), apply HeadsUp/OSEDiff ``weights`` (LoRA merged,
+    conv_in widened), and set OSEDiff's conditioning: the embedding stored in the weights, else the base's text
+    encoder on ``", ,"``. ``configs`` overrides the shipped SD2 configs for single files
+    (``{"unet", "vae", "text_encoder"}``), e.g. for the models ``make-tiny`` writes.
+
+    Returns the model (eval, no grad, on ``device`` in ``dtype``) and an info dict: ``base``, ``weights``,
+    ``base_key``, ``base_layout``, ``base_fingerprint`` and ``text_encoder_loader`` (None without one).
+    """
+    from ..licences import describe_licence
+    from .base import load_base
+    from .surgery import widen_conv_in
+    from .text_encoder import PromptEncoder, osediff_prompt
+    from .weights import apply_weights, base_warnings, load_weights
+
+    dev = devices.pick_device(device)
+    dt = devices.pick_dtype(dtype, dev)
+    base_models = load_base(base, prediction_type, configs=configs)
+    pred, timestep, embeds, meta = base_models.prediction_type, 999, None, {}
+    if weights is not None:
+        loaded = load_weights(weights)
+        for warning in base_warnings(base_models, loaded):
+            log.warning("HeadsUp: %s", warning)
+        apply_weights(base_models.unet, base_models.vae, loaded)
+        meta, embeds, timestep = dict(loaded.metadata), loaded.prompt_embeds, loaded.timestep
+        if loaded.kind == "headsup" and prediction_type is None:
+            pred = meta.get("prediction_type", pred)
+    else:
+        widen_conv_in(base_models.unet)
+        log.warning("No HeadsUp weights given: running the bare base model (output is not super-resolved "
+                    "meaningfully; use this only for install checks).")
+    for path in (base, weights):
+        if path is not None:
+            note = describe_licence(str(path))
+            if note:
+                log.info(note)
+    loader = base_models.text_encoder_loader
+    if embeds is None:
+        if loader is not None:
+            embeds = PromptEncoder(loader, base_models.cache_key).encode(osediff_prompt())
+        else:
+            log.warning(
+                "HeadsUp: WARNING: no text conditioning. The weights store no prompt embedding and the base %s "
+                "has no text encoder, so the UNet gets an all-zero embedding, which OSEDiff never saw (every "
+                "cross-attention layer then outputs a constant). Fix: use a base file that contains its text "
+                "encoder (e.g. v2-1_512-ema-pruned.safetensors), or store the embedding once with "
+                "`headsup convert-osediff IN.pkl -o OUT.safetensors --base <SD2.1-base file>`.", base)
+    model = HeadsUpModel(base_models.vae, base_models.unet, pred, timestep, embeds, sample_latent, meta)
+    model.requires_grad_(False).eval()
+    model.to(device=dev, dtype=dt)
+    info = {"base": str(base), "weights": str(weights), "base_key": base_models.cache_key,
+            "base_layout": base_models.layout, "base_fingerprint": base_models.fingerprint,
+            "text_encoder_loader": loader}
+    return model, info
