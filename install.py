@@ -81,7 +81,7 @@ def _satisfies(version: str, requirement: str) -> bool:
         from packaging.requirements import Requirement
 
         return Requirement(requirement).specifier.contains(version, prereleases=True)
-    except Exception:  # no packaging, or an unusual line: do not guess
+    except Exception:  # noqa: BLE001 - no packaging, or an unusual line: do not guess
         return True
 
 

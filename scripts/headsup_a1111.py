@@ -29,14 +29,14 @@ import sys
 _EXT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _EXT_ROOT not in sys.path:
     sys.path.insert(0, _EXT_ROOT)
-import headsup_core  # noqa: E402
-from headsup_core import errors as hu_errors  # noqa: E402
+import headsup_core
+from headsup_core import errors as hu_errors
 
 if os.path.dirname(os.path.dirname(os.path.abspath(headsup_core.__file__))) != _EXT_ROOT:
     print(f"HeadsUp: using headsup_core from {os.path.dirname(headsup_core.__file__)}, not this extension's copy")
 
-from modules import devices, scripts_postprocessing, shared  # noqa: E402
-from modules import upscaler as _upscaler  # noqa: E402  (module import: the base classes are not re-registered)
+from modules import devices, scripts_postprocessing, shared
+from modules import upscaler as _upscaler  # a module import: the base classes are not re-registered
 
 WEIGHTS_EXTS = (".safetensors", ".pkl")
 BASE_STEMS = ("base",)
@@ -337,7 +337,7 @@ class ScriptPostprocessingHeadsUp(scripts_postprocessing.ScriptPostprocessing):
             from modules.ui_components import InputAccordion
 
             accordion = InputAccordion(False, label="HeadsUp (portrait upscaler settings)")
-        except Exception:  # older A1111: a plain checkbox
+        except Exception:  # noqa: BLE001 - older A1111: a plain checkbox
             accordion = None
         with (accordion if accordion is not None else gr.Group()) as enable:
             if accordion is None:

@@ -51,7 +51,7 @@ def _t1(width):
 
 
 def test_discovers_one_entry_per_weights_file(webui):
-    mod, shared = webui
+    mod, _shared = webui
     up = mod.UpscalerHeadsUp(None)
     assert [s.name for s in up.scalers] == ["HeadsUp osediff", "HeadsUp portrait"]
     assert all(s.scaler is up and os.path.isfile(s.data_path) for s in up.scalers)
@@ -64,7 +64,7 @@ def test_discovers_one_entry_per_weights_file(webui):
 def test_upscales_t1_to_requested_scale(webui):
     from modules import devices
 
-    mod, shared = webui
+    mod, _shared = webui
     up = mod.UpscalerHeadsUp(None)
     data = next(s for s in up.scalers if s.name == "HeadsUp portrait")
     img = _t1(160)  # 160 x 111
@@ -130,7 +130,7 @@ def test_stops_when_interrupted(webui, monkeypatch):
 def test_missing_base_is_a_clear_error(webui, tmp_path, monkeypatch):
     from headsup_core.errors import MissingModelError
 
-    mod, shared = webui
+    mod, _shared = webui
     monkeypatch.delenv("HEADSUP_BASE", raising=False)
     with pytest.raises(MissingModelError, match="base"):
         mod.find_base(str(tmp_path))
@@ -155,7 +155,7 @@ def test_extension_as_cloned_through_stub_loader_and_extras(loop, tiny, tmp_path
 
 @pytest.mark.parametrize("module", ["utils", "forge_util"])
 def test_forge_prepare_free_memory_found_where_the_variant_keeps_it(webui, module, tmp_path, monkeypatch, capsys):
-    mod, shared = webui
+    mod, _shared = webui
     pkg = tmp_path / "modules_forge"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
@@ -173,7 +173,7 @@ def test_forge_prepare_free_memory_found_where_the_variant_keeps_it(webui, modul
 
 
 def test_forge_without_prepare_free_memory_says_so(webui, tmp_path, monkeypatch, capsys):
-    mod, shared = webui
+    mod, _shared = webui
     (tmp_path / "modules_forge").mkdir()
     (tmp_path / "modules_forge" / "__init__.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -227,7 +227,7 @@ def test_base_setting_lists_only_sd2_files_of_the_webui(webui, tiny, tmp_path, m
 
 
 def test_upscaler_scale_comes_from_the_weights(webui, tiny, tmp_path):
-    mod, shared = webui
+    mod, _shared = webui
     assert mod.weights_scale(str(tiny["headsup"])) == 4  # no scale recorded: OSEDiff's 4x
     assert mod.weights_scale(str(tiny["osediff"])) == 4
     assert mod.weights_scale(_fake_safetensors(tmp_path / "x2.safetensors", {"a": (1,)}, {"scale": "2"})) == 2

@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from a1111_webui import harness
 
 WEBUIS = [p for p in os.environ.get("WEBUI_PATH", "").split(os.pathsep) if p]

@@ -104,7 +104,7 @@ def main():
     result["passes_after"] = runs
     result["size"] = list(a.size)
     result["info_adain"], result["info_wavelet"] = info_a, info_c
-    diff = lambda x, y: float(np.abs(np.asarray(x, np.float32) - np.asarray(y, np.float32)).mean())  # noqa: E731
+    diff = lambda x, y: float(np.abs(np.asarray(x, np.float32) - np.asarray(y, np.float32)).mean())
     result["diff_adain_again"], result["diff_wavelet"] = diff(a, b), diff(a, c)
     result["diff_disabled_vs_wavelet"] = diff(c, d)
 

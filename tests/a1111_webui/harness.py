@@ -51,7 +51,7 @@ def run(tmp: Path, tiny: dict, path_prefix: list[str], webui: Path, upscale_scri
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update(env_extra or {})
-    proc = subprocess.run([sys.executable, "-I", "-S", str(HERE / "driver.py"), json.dumps(cfg)],
+    proc = subprocess.run([sys.executable, "-I", "-S", str(HERE / "driver.py"), json.dumps(cfg)], check=False,
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=str(tmp))
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:

@@ -14,7 +14,7 @@ class Upscaler:
     name = None
     model_path = None
     user_path = None
-    scalers: list = []
+    scalers = ()
 
     def __init__(self, create_dirs=False):
         self.scale = 1

@@ -5,9 +5,8 @@ As in the webui, results are cached by (image, upscaler name, mode, scale, width
 """
 import hashlib
 
-from PIL import Image
-
 from modules import scripts_postprocessing, shared
+from PIL import Image
 
 upscale_cache = {}
 
