@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-COLOR_FIX_MODES = ("adain", "wavelet", "none")
+from .choices import COLOR_FIX_MODES  # noqa: F401 - the one list, re-exported here
 
 
 def adain_color_fix(content: torch.Tensor, style: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

@@ -29,6 +29,9 @@ DEFAULT_FRACTION = {"cpu": 0.5, "cuda": 0.8, "mps": 0.5}
 # CPU a tiled VAE stage saves less than the tile size suggests, and small tiles can cost more than none.
 ENCODER_CH, DECODER_CH, UNET_CH, STORE_CH = 5, 6, 20, 3
 CANDIDATE_TILES = (256, 192, 160, 128, 112, 96, 80, 64, 48, 32, 16)
+# The UNet's self-attention is quadratic in the tile's tokens and SD2.1-base was trained on 64-latent crops
+# (OSEDiff tiles at 96): its tile stays at most this many latents (1024 px) even when memory allows more.
+UNET_MAX_TILE = 128
 STAGES = ("encoder", "unet", "decoder")
 
 
@@ -200,7 +203,8 @@ def plan_for_budget(model, latent_hw: tuple[int, int], budget: int, device: torc
     base = TilePlan(vae_mode=vae_mode)
     for stage in STAGES:
         best = None
-        for t in [full] + [c for c in CANDIDATE_TILES if c < full]:
+        top = min(full, UNET_MAX_TILE) if stage == "unet" else full
+        for t in [top] + [c for c in CANDIDATE_TILES if c < top]:
             need = stage_bytes(model, _with_tile(base, stage, t), latent_hw, stage, device)
             if best is None or need < best[0]:
                 best = (need, t)

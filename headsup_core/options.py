@@ -10,12 +10,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .color import COLOR_FIX_MODES
+from .choices import COLOR_FIX_MODES, VAE_TILING_MODES
 from .errors import InputImageError
 from .tiling import TilePlan
 
 MAX_SCALE = 16.0
-VAE_TILING_MODES = ("exact", "fast")
 
 
 def check_scale(scale: float) -> float:

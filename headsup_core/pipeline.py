@@ -74,6 +74,9 @@ class HeadsUpPipeline:
 
         model, info = build_model(base, weights, device, dtype, prediction_type=prediction_type,
                                   sample_latent=sample_latent, configs=configs)
+        from .perf import apply_cpu_defaults
+
+        info["formats"] = apply_cpu_defaults(model, model.device, dtype)  # measured CPU formats (inference only)
         return cls(model, info.pop("text_encoder_loader"), info, tag_source=tag_source)
 
     def to(self, device=None, dtype=None) -> "HeadsUpPipeline":
@@ -259,9 +262,10 @@ class HeadsUpPipeline:
             def run():
                 return run_exact(fwd, model.vae, x, tile=plan.encoder_tile, context=plan.encoder_context,
                                  in_factor=s, out_factor=1, compute_device=dev, out_device=dev, progress=tick)
-            moments = self._guard_stage(run, model.vae, stage)
+            moments = self._guard_stage(run, self._stage_module("encoder"), stage)
             return model.latent_from_moments(moments, generator)
-        enc = self._guard(lambda t: model.encode(t * 2 - 1 if to_unit else t, generator), model.vae, stage)
+        enc = self._guard(lambda t: model.encode(t * 2 - 1 if to_unit else t, generator),
+                          self._stage_module("encoder"), stage)
         return run_tiled(enc, x, tile=plan.encoder_tile, overlap=plan.encoder_overlap, in_factor=s, out_factor=1,
                          out_channels=4, compute_device=dev, out_device=dev, progress=tick,
                          skip=None if to_unit else (lambda t: not bool(t.abs().amax() > 0)),
@@ -280,11 +284,19 @@ class HeadsUpPipeline:
                 return run_exact(fwd, model.vae, x0, tile=plan.decoder_tile, context=plan.decoder_context,
                                  in_factor=1, out_factor=s, compute_device=dev, out_device=torch.device("cpu"),
                                  progress=tick)
-            return self._guard_stage(run, model.vae, "decoder").clamp_(-1, 1)
-        dec = self._guard(model.decode, model.vae, "decoder")
+            return self._guard_stage(run, self._stage_module("decoder"), "decoder").clamp_(-1, 1)
+        dec = self._guard(model.decode, self._stage_module("decoder"), "decoder")
         return run_tiled(dec, x0, tile=plan.decoder_tile, overlap=plan.decoder_overlap, in_factor=1, out_factor=s,
                          out_channels=3, compute_device=dev, out_device=torch.device("cpu"), progress=tick,
                          norm_sync=model.vae.decoder, preview_side=DECODER_PREVIEW, context=plan.decoder_overlap // 2)
+
+    def _stage_module(self, stage: str) -> torch.nn.Module:
+        """The modules of a VAE stage (their dtype may differ per stage, see perf.py), for the fp32 retry."""
+        from .perf import stage_modules
+
+        if not hasattr(getattr(self.model, "vae", None), "decoder"):
+            return self.model.vae
+        return torch.nn.ModuleList(stage_modules(self.model, stage))
 
     def _guard_stage(self, run, module, stage: str):
         """A whole exact-tiled stage; on NaN/Inf in half precision, rerun it in fp32 and say so."""

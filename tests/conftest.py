@@ -9,6 +9,9 @@ import pytest
 # Tests never touch the network: hub libraries are told to stay offline.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Same numerics on every CI machine: the CPU bf16 decoder default depends on the CPU's flags (headsup_core/perf.py),
+# so tests run fp32 unless they ask for it (tests/test_perf.py checks that default).
+os.environ.setdefault("HEADSUP_CPU_BF16", "none")
 
 
 @pytest.fixture(scope="session")

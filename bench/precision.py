@@ -1,0 +1,127 @@
+"""Output PSNR of per-stage number and memory formats against the fp32 contiguous pipeline (quality, not time).
+
+    OMP_NUM_THREADS=1 python bench/precision.py --size 512
+
+The SD2.1-size architecture with random weights (as bench/pipeline.py), one image (a real photo crop when the
+insightface wheel ships one, else noise), every stage untiled, colour fix ``adain``. Each variant changes one
+thing against the fp32 contiguous baseline and reports the output PSNR (dB) against it, plus the RMS error of the
+latents it produces. This is what decides the CPU defaults in ``headsup_core/perf.py`` (bf16 only for stages that
+stay >= 40 dB). Peak RSS stays under ~6 GB (the fp32 UNet plus one half-precision copy of a part at a time).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+VARIANTS = ("fp32 channels_last", "encoder bf16", "decoder bf16", "vae bf16", "vae bf16 + channels_last",
+            "unet bf16")
+
+
+def _image(side: int):
+    import numpy as np
+
+    try:
+        import importlib.resources as res
+
+        from PIL import Image
+
+        path = res.files("insightface") / "data" / "images" / "t1.jpg"
+        img = Image.open(str(path)).convert("RGB")
+        w, h = img.size
+        s = min(w, h)
+        img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize((side, side),
+                                                                                               Image.BICUBIC)
+        return np.asarray(img), "t1.jpg centre crop"
+    except Exception:  # noqa: BLE001 - no photo: noise
+        return np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8), "uniform noise"
+
+
+def psnr(a, b) -> float:
+    import torch
+
+    mse = float(torch.mean((a.float() - b.float()) ** 2))
+    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=512, help="output side in pixels (input = size / 4)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+    from pipeline import build_pipeline  # bench/pipeline.py: identical random SD2.1-size weights
+
+    from headsup_core.tiling import TilePlan
+
+    torch.set_grad_enabled(False)
+    lq, source = _image(args.size // 4)
+    pipe = build_pipeline("sd21", None, torch.device("cpu"), torch.float32, 0)
+    model = pipe.model
+    untiled = TilePlan(encoder_tile=10**5, unet_tile=10**5, decoder_tile=10**5)
+    captured = {}
+
+    def run():
+        out, info = pipe.upscale(lq, scale=4, tile_size=untiled, return_info=True)
+        return torch.from_numpy(out).float() / 255, info
+
+    hooks = []
+
+    def capture(name):
+        def hook(module, inputs, output):
+            captured[name] = (output.sample if hasattr(output, "sample") else output).detach().float().clone()
+        return hook
+
+    hooks.append(model.unet.register_forward_hook(capture("eps")))
+    t = time.perf_counter()
+    base, _ = run()
+    base_eps = captured["eps"]
+    print(f"[precision] baseline fp32 contiguous {args.size}^2 in {time.perf_counter() - t:.0f} s ({source})",
+          file=sys.stderr, flush=True)
+    rows = []
+    for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        if name not in VARIANTS:
+            ap.error(f"unknown variant {name!r}")
+        parts = {"encoder bf16": [model.vae.encoder, model.vae.quant_conv],
+                 "decoder bf16": [model.vae.decoder, model.vae.post_quant_conv],
+                 "vae bf16": [model.vae], "vae bf16 + channels_last": [model.vae], "unet bf16": [model.unet],
+                 "fp32 channels_last": []}[name]
+        # bf16 rounding of the weights survives a cast back to fp32: keep the parts' fp32 weights to restore
+        # them (not the UNet's, 3.5 GB: "unet bf16" runs last).
+        saved = [None if p is model.unet else {k: v.clone() for k, v in p.state_dict().items()} for p in parts]
+        for p in parts:
+            p.to(torch.bfloat16)
+        if "channels_last" in name:
+            model.to(memory_format=torch.channels_last)
+        t = time.perf_counter()
+        out, _ = run()
+        eps_rms = float(torch.sqrt(torch.mean((captured["eps"] - base_eps) ** 2)))
+        row = {"variant": name, "psnr_db": round(psnr(out, base), 2), "eps_rms_err": eps_rms,
+               "seconds_1_thread": round(time.perf_counter() - t, 1)}
+        rows.append(row)
+        print(f"[precision] {name}: {row['psnr_db']} dB (eps RMS err {eps_rms:.2e})", file=sys.stderr, flush=True)
+        for p, state in zip(parts, saved):
+            p.to(torch.float32)
+            if state is not None:
+                p.load_state_dict(state)
+        model.to(memory_format=torch.contiguous_format)
+    for h in hooks:
+        h.remove()
+    print(f"\nOutput PSNR vs fp32 contiguous, SD2.1-size random weights, {args.size}^2 output, untiled, adain "
+          f"({source}):\n")
+    print("| variant | PSNR dB | UNet eps RMS error |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['psnr_db']} | {r['eps_rms_err']:.2e} |")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(rows, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

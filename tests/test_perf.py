@@ -1,0 +1,56 @@
+"""Measured CPU defaults (headsup_core/perf.py): channels_last, bf16 only for the VAE decoder and only on CPUs
+with native bf16, the UNet in fp32; and the bf16 stage's NaN retry."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from headsup_core import HeadsUpPipeline, perf
+
+
+def test_native_bf16_is_read_from_the_cpu_flags_never_assumed():
+    assert perf.cpu_native_bf16({"avx512f", "avx512_bf16"}) and perf.cpu_native_bf16({"amx_bf16", "amx_tile"})
+    assert not perf.cpu_native_bf16({"avx512f", "avx2"}) and not perf.cpu_native_bf16(set())
+
+
+def test_cpu_defaults_by_stage(tiny_models, monkeypatch):
+    monkeypatch.delenv(perf.ENV_BF16, raising=False)
+    monkeypatch.setattr(perf, "cpu_native_bf16", lambda flags=None: True)
+    pipe = HeadsUpPipeline.from_files(tiny_models["base"], tiny_models["headsup"], device="cpu")
+    m = pipe.model
+    assert pipe.source["formats"] == {"channels_last": True, "decoder": "bf16"}
+    assert (m.decoder_dtype, m.encoder_dtype, m.dtype) == (torch.bfloat16, torch.float32, torch.float32)
+    assert m.vae.post_quant_conv.weight.dtype == torch.bfloat16
+    assert m.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    img = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    out = pipe.upscale(img, 2, color_fix="none").astype(np.float64)
+    ref_pipe = HeadsUpPipeline.from_files(tiny_models["base"], tiny_models["headsup"], device="cpu", dtype="fp32")
+    assert ref_pipe.model.decoder_dtype == torch.float32 and ref_pipe.source["formats"] == {"channels_last": True}
+    ref = ref_pipe.upscale(img, 2, color_fix="none").astype(np.float64)
+    psnr = 10 * np.log10(255.0**2 / max(np.mean((out - ref) ** 2), 1e-12))
+    assert 30 < psnr < 200, psnr  # close to fp32, and it did run in bf16
+    monkeypatch.setattr(perf, "cpu_native_bf16", lambda flags=None: False)
+    plain = HeadsUpPipeline.from_files(tiny_models["base"], tiny_models["headsup"], device="cpu")
+    assert plain.model.decoder_dtype == torch.float32
+    monkeypatch.setenv(perf.ENV_BF16, "encoder,decoder")
+    both = HeadsUpPipeline.from_files(tiny_models["base"], tiny_models["headsup"], device="cpu")
+    assert both.model.encoder_dtype == both.model.decoder_dtype == torch.bfloat16 and both.dtype == torch.float32
+
+
+def test_nan_in_the_bf16_decoder_is_retried_in_fp32(tiny_models, monkeypatch, caplog):
+    monkeypatch.setenv(perf.ENV_BF16, "decoder")
+    pipe = HeadsUpPipeline.from_files(tiny_models["base"], tiny_models["headsup"], device="cpu")
+    conv = pipe.model.vae.decoder.conv_out
+    real = conv.forward
+
+    def poisoned(x):
+        y = real(x)
+        return y if y.dtype == torch.float32 else y * float("nan")
+
+    monkeypatch.setattr(conv, "forward", poisoned)
+    with caplog.at_level(logging.WARNING, logger="headsup"):
+        out = pipe.upscale(np.zeros((16, 16, 3), np.uint8) + 128, 2, color_fix="none")
+    assert np.isfinite(out).all() and any("retrying" in r.message and "decoder" in r.message for r in caplog.records)
+    assert pipe.model.decoder_dtype == torch.bfloat16  # back to bf16 after the retry
