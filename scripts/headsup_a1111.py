@@ -31,6 +31,7 @@ if _EXT_ROOT not in sys.path:
     sys.path.insert(0, _EXT_ROOT)
 import headsup_core
 from headsup_core import errors as hu_errors
+from headsup_core.choices import COLOR_FIX_MODES
 
 if os.path.dirname(os.path.dirname(os.path.abspath(headsup_core.__file__))) != _EXT_ROOT:
     print(f"HeadsUp: using headsup_core from {os.path.dirname(headsup_core.__file__)}, not this extension's copy")
@@ -40,7 +41,7 @@ from modules import upscaler as _upscaler  # a module import: the base classes a
 
 WEIGHTS_EXTS = (".safetensors", ".pkl")
 BASE_STEMS = ("base",)
-COLOR_FIXES = ("adain", "wavelet", "none")
+COLOR_FIXES = COLOR_FIX_MODES
 DEFAULT_SCALE = 4  # OSEDiff, and so HeadsUp's initialisation, is trained for 4x
 AUTOMATIC = "Automatic"
 SD_PREFIX = "Stable-diffusion/"
@@ -307,19 +308,22 @@ class UpscalerHeadsUp(_upscaler.Upscaler):
         state = getattr(shared, "state", None)
 
         def progress(done, total):
-            if _interrupted():
-                raise hu_errors.InterruptedByUser("Interrupted by the user.")
             if state is not None and hasattr(state, "sampling_steps"):
                 state.sampling_steps, state.sampling_step = total, done
+
+        from headsup_core.memory import upscale_with_retry
 
         _free_memory()
         pipe.to(*_device_dtype())
         try:
-            return pipe.upscale(img.convert("RGB"), scale=self.scale, reference=opts["reference"],
-                                face_analyzer=analyzer, tile_size=opts["tile_size"] or None,
-                                color_fix=opts["color_fix"], progress=progress)
+            # The core's memory policy: tiles from the budget (0 = automatic), halved and retried on OOM.
+            return upscale_with_retry(pipe, img.convert("RGB"), scale=self.scale, reference=opts["reference"],
+                                      face_analyzer=analyzer, tile_size=opts["tile_size"] or None,
+                                      color_fix=opts["color_fix"], progress=progress, interrupt=_interrupted)
         except hu_errors.InterruptedByUser:
-            return img  # A1111's convention: an interrupted step hands its input on
+            # The core's interrupt -> A1111's convention (an interrupted step hands its input on), said once.
+            print("HeadsUp: interrupted by the user; the image is passed on unscaled.")
+            return img
         finally:
             pipe.to(devices.cpu if hasattr(devices, "cpu") else "cpu")
             if hasattr(devices, "torch_gc"):
