@@ -119,7 +119,7 @@ def test_convert_osediff_and_doctor(tmp_path, tiny_models, capsys):
     capsys.readouterr()
     assert main(["doctor", "--models", str(root)]) == 0
     report = capsys.readouterr().out
-    assert "converted.safetensors" in report and "missing: put sd_turbo.safetensors" in report
+    assert "converted.safetensors" in report and "missing: put v2-1_512-ema-pruned.safetensors" in report
 
 
 def test_download_is_opt_in_and_fails_clearly_offline(tmp_path, monkeypatch):
