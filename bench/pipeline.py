@@ -2,16 +2,21 @@
 
     OMP_NUM_THREADS=2 python bench/pipeline.py --model tiny --sizes 1K,2K,4K
     OMP_NUM_THREADS=2 python bench/pipeline.py --model sd21 --sizes 512,1024 --repeats 1
-    python bench/pipeline.py --model sd21 --device cuda --dtype bf16 --sizes 1K,2K,4K
+    python bench/pipeline.py --model sd21 --device cuda --dtypes fp16,bf16 --sizes 1K,2K,4K [--compile]
 
 Each (model, size, path) runs in a fresh subprocess, so the peak memory is that configuration's own: the
 process's peak RSS on the CPU (it includes the model weights), the peak allocated memory on a GPU.
 
-Paths, on identical weights (same model object, same seed):
-- ``ours``: ``HeadsUpPipeline.upscale`` with the device's default tile plan (or ``--tile-size``);
-- ``ref``: OSEDiff's inference scheme (DESIGN §1 step 7): untiled VAE encode of the whole bicubic-upscaled image,
-  the UNet over latent tiles of 96 overlapping by 32 blended with Gaussian weights, untiled VAE decode.
-When the reference would not fit in memory (untiled VAE at large sizes) it is reported as skipped/OOM.
+Paths, on identical weights (every worker builds them from the same seed):
+- ``full``: ours in fp32, contiguous, every stage untiled: the quality reference. Its output is saved and every
+  other row of the same size prints its output PSNR against it;
+- ``ours``: ``HeadsUpPipeline.upscale`` with the defaults (tiles from the memory budget, the measured per-stage
+  formats of headsup_core/perf.py on CPU), once per ``--dtypes`` entry; ``--compile`` wraps the UNet in
+  ``torch.compile`` (off by default); attention is PyTorch SDPA (diffusers' AttnProcessor2_0, named per row);
+- ``ref``: OSEDiff's inference scheme (DESIGN §1 step 7) in fp32, contiguous: untiled VAE encode of the whole
+  bicubic-upscaled image, the UNet over latent tiles of 96 overlapping by 32 blended with Gaussian weights,
+  untiled VAE decode.
+When an untiled path would not fit in memory (untiled VAE at large sizes) it is reported as skipped/OOM.
 
 ``sd21`` is the SD2.1-size architecture (configs shipped in headsup_core) with random weights and conv_in
 widened to 9 channels; ``tiny`` is the ``make-tiny`` model. Timings are for the one-step model, no faces.
@@ -55,14 +60,21 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- worker side
-def build_pipeline(model: str, tiny_dir: str | None, device, dtype, seed: int):
+def build_pipeline(model: str, tiny_dir: str | None, device, dtype, seed: int, defaults: bool = False,
+                   dtype_requested=None):
+    """The model with random/tiny weights in ``dtype``; ``defaults``: with the pipeline's measured CPU formats
+    (as ``from_files`` applies them), else plain contiguous ``dtype`` (the fp32 references)."""
     import torch
 
+    from headsup_core.perf import apply_cpu_defaults
     from headsup_core.pipeline import HeadsUpPipeline
 
     if model == "tiny":
-        return HeadsUpPipeline.from_files(Path(tiny_dir) / "base", Path(tiny_dir) / "headsup.safetensors",
-                                          device=device, dtype=dtype)
+        pipe = HeadsUpPipeline.from_files(Path(tiny_dir) / "base", Path(tiny_dir) / "headsup.safetensors",
+                                          device=device, dtype=dtype_requested if defaults else dtype)
+        if not defaults:
+            pipe.model.to(memory_format=torch.contiguous_format)
+        return pipe
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from headsup_core.base_models import CONFIG_DIR, widen_conv_in
@@ -76,7 +88,16 @@ def build_pipeline(model: str, tiny_dir: str | None, device, dtype, seed: int):
     m = HeadsUpModel(vae, unet, "epsilon", 999)
     m.requires_grad_(False).eval()
     m.to(device=device, dtype=dtype)
+    if defaults:
+        apply_cpu_defaults(m, device, dtype_requested)
     return HeadsUpPipeline(m)
+
+
+def psnr(a, b) -> float:
+    import numpy as np
+
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * float(np.log10(1.0 / mse))
 
 
 def _pad(x, multiple: int):
@@ -195,14 +216,27 @@ def worker(job: dict) -> dict:
 
     from headsup_core import devices
 
+    from headsup_core.tiling import TilePlan
+
     dev = devices.pick_device(job["device"])
-    dtype = devices.pick_dtype(job["dtype"], dev)
+    ours = job["path"] == "ours"
+    dtype = devices.pick_dtype(job["dtype"], dev) if ours else torch.float32  # full and ref: fp32
     w, h = job["size"]
     res = {k: job[k] for k in ("model", "path", "size")}
     res.update(device=str(dev), dtype=str(dtype).replace("torch.", ""), threads=torch.get_num_threads(),
                code=_code_version())
     t = time.perf_counter()
-    pipe = build_pipeline(job["model"], job.get("tiny_dir"), dev, dtype, job["seed"])
+    pipe = build_pipeline(job["model"], job.get("tiny_dir"), dev, dtype, job["seed"], defaults=ours,
+                          dtype_requested=job["dtype"])
+    if ours and job.get("compile"):
+        from headsup_core.perf import compile_unet
+
+        compile_unet(pipe.model)
+    procs = getattr(pipe.model.unet, "attn_processors", {}) or {}
+    res["attention"] = sorted({type(p).__name__ for p in procs.values()}) or ["?"]
+    res["formats"] = {"unet": str(pipe.model.dtype).replace("torch.", ""),
+                      "decoder": str(pipe.model.decoder_dtype).replace("torch.", ""),
+                      "channels_last": pipe.model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)}
     res["build_s"] = time.perf_counter() - t
     res["params_m"] = sum(p.numel() for p in pipe.model.parameters()) / 1e6
     res["rss_after_build_gb"] = _rss_bytes() / 1e9
@@ -211,7 +245,7 @@ def worker(job: dict) -> dict:
     lq_np = rng.integers(0, 256, (h // SCALE, w // SCALE, 3), dtype=np.uint8)
     lq = torch.from_numpy(lq_np).permute(2, 0, 1)[None].float() / 255  # 1x3xhxw in 0..1
 
-    if job["path"] == "ref" and dev.type == "cpu":
+    if job["path"] in ("ref", "full") and dev.type == "cpu":
         # An untiled SD VAE at a large size can take the whole machine down (no OOM exception on Linux CPU).
         width = model.vae.config.block_out_channels[0]  # channels at full resolution (128 for SD)
         est = UNTILED_VAE_ACTIVATIONS * width * h * w * torch.finfo(dtype).bits // 8
@@ -220,7 +254,8 @@ def worker(job: dict) -> dict:
         if est > limit:
             res["status"] = f"skipped (untiled VAE needs ~{est / 1e9:.0f} GB, limit {limit / 1e9:.0f} GB)"
             return res
-    last = [0.0]
+    last, outputs = [0.0], []
+    untiled = TilePlan(encoder_tile=10**5, unet_tile=10**5, decoder_tile=10**5)
 
     def progress(done, total):
         if time.perf_counter() - last[0] > 5 or done == total:
@@ -230,10 +265,12 @@ def worker(job: dict) -> dict:
     def once():
         devices.synchronize(dev)
         t0, c0 = time.perf_counter(), time.process_time()
-        if job["path"] == "ours":
-            out, info = pipe.upscale(lq.permute(0, 2, 3, 1), scale=SCALE, tile_size=job["tile_size"], progress=progress,
+        if job["path"] in ("ours", "full"):
+            tiles = job["tile_size"] if ours else untiled
+            out, info = pipe.upscale(lq.permute(0, 2, 3, 1), scale=SCALE, tile_size=tiles, progress=progress,
                                      return_info=True)
             timing = dict(info["timings"][0])
+            timing["plan"] = info["tile_plan"].describe()
             out = out.permute(0, 3, 1, 2)  # the pipeline returns the kind it was given: BxHxWxC
         else:
             with torch.no_grad():
@@ -244,6 +281,7 @@ def worker(job: dict) -> dict:
         if tuple(out.shape[-2:]) != (h, w):
             raise RuntimeError(f"{job['path']} returned {tuple(out.shape)}, expected {h}x{w}")
         timing["finite"] = bool(torch.isfinite(out).all())  # random weights: recorded, not asserted
+        outputs[:] = [out]
         return timing
 
     runs = []
@@ -270,12 +308,23 @@ def worker(job: dict) -> dict:
         res.update({k: statistics.median(r.get(k, 0.0) for r in runs)
                     for k in ("total_s", "cpu_s", "encode_s", "unet_s", "decode_s")})
         res["s_per_mp"] = res["total_s"] / (w * h / 1e6)
-    if job["path"] == "ours":
-        plan = pipe.plan_tiles(job["tile_size"])
-        res["tiles"] = f"enc {plan.encoder_tile}/{plan.encoder_overlap} unet {plan.unet_tile}/{plan.unet_overlap} " \
-                       f"dec {plan.decoder_tile}/{plan.decoder_overlap}"
-    else:
+        res["overhead"] = {k: runs[-1].get(f"{k}_overhead") for k in ("encode", "unet", "decode")}
+    if outputs:
+        import numpy as np
+
+        out = outputs[0][0].permute(1, 2, 0).float().cpu().numpy()
+        if job["path"] == "full" and job.get("save_to"):
+            np.save(job["save_to"], out)
+        elif job.get("compare_to") and Path(job["compare_to"]).exists():
+            res["psnr_db"] = psnr(out, np.load(job["compare_to"]))
+    if res["formats"]["decoder"] != res["dtype"]:
+        res["dtype"] += f" (decoder {res['formats']['decoder'].replace('bfloat16', 'bf16')})"
+    if job["path"] == "ref":
         res["tiles"] = "enc untiled, unet 96/32, dec untiled"
+    elif job["path"] == "full":
+        res["tiles"] = "every stage untiled"
+    elif runs:
+        res["tiles"] = runs[-1]["plan"]
     return res
 
 
@@ -299,10 +348,10 @@ def _f(v, fmt="{:.2f}") -> str:
 
 
 def format_table(results: list[dict]) -> str:
-    head = ["model", "output", "path", "status", "s/MP", "total s", "encode s", "unet s", "decode s", "cpu s",
-            "peak GB", "ours/ref"]
+    head = ["model", "output", "path", "dtype", "status", "s/MP", "total s", "encode s", "unet s", "decode s",
+            "cpu s", "peak GB", "PSNR dB", "ours/ref", "commit"]
     rows = []
-    by_key = {(r["model"], tuple(r["size"]), r["path"]): r for r in results}
+    by_key = {(r["model"], tuple(r["size"]), r["path"]): r for r in results if r["path"] != "ours"}
     for r in results:
         ratio = "-"
         if r["path"] == "ours":
@@ -311,19 +360,27 @@ def format_table(results: list[dict]) -> str:
                 ratio = f"{r['total_s'] / ref['total_s']:.2f}"
             elif ref:
                 ratio = "ref " + ref.get("status", "?").split(" (")[0]
-        rows.append([r["model"], "x".join(map(str, r["size"])), r["path"], r.get("status", "?").split(" (")[0],
-                     _f(r.get("s_per_mp")), _f(r.get("total_s")), _f(r.get("encode_s")), _f(r.get("unet_s")),
-                     _f(r.get("decode_s")), _f(r.get("cpu_s")), _f(r.get("peak_gb")), ratio])
+        label = r["path"] + (" +compile" if r.get("compile") else "")
+        rows.append([r["model"], "x".join(map(str, r["size"])), label, r.get("dtype", "-"),
+                     r.get("status", "?").split(" (")[0], _f(r.get("s_per_mp")), _f(r.get("total_s")),
+                     _f(r.get("encode_s")), _f(r.get("unet_s")), _f(r.get("decode_s")), _f(r.get("cpu_s")),
+                     _f(r.get("peak_gb")), "ref" if r["path"] == "full" else _f(r.get("psnr_db"), "{:.1f}"), ratio,
+                     r.get("code", "-")])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    notes = sorted({f"{r['path']}: {r['tiles']}" for r in results if r.get("tiles")})
+    notes = sorted({f"{r['path']} {'x'.join(map(str, r['size']))}: {r['tiles']}" for r in results if r.get("tiles")})
+    notes += sorted({f"{r['path']} formats: {r['formats']}, attention {', '.join(r['attention'])}" for r in results
+                     if r.get("formats")})
+    notes += [f"{r['path']} {'x'.join(map(str, r['size']))} tile overhead (extra pixels computed): "
+              + ", ".join(f"{k} {v:.0%}" for k, v in r["overhead"].items() if v is not None)
+              for r in results if any(v is not None for v in (r.get("overhead") or {}).values())]
     notes += [f"code: {', '.join(sorted({r['code'] for r in results if r.get('code')}))}"]
     notes += [f"{r['model']} {r['path']} {'x'.join(map(str, r['size']))}: {r['status']}" for r in results
               if r.get("status", "ok") != "ok"]
     first = next((r for r in results if "device" in r), {})
     notes.append(f"device {first.get('device', '?')}, dtype {first.get('dtype', '?')}, torch threads "
                  f"{first.get('threads', '?')}; peak = {first.get('peak_kind', '?')}; times are medians; "
-                 "ours/ref < 1 means ours is faster")
+                 "ours/ref < 1 means ours is faster; PSNR against the fp32 untiled (full) output of the same size")
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes)
 
 
@@ -336,13 +393,18 @@ def main(argv=None) -> int:
                     help="comma-separated output sizes: 1K=1024x1024, 2K=2048x2048, 4K=3840x2160, FHD=1920x1080, "
                          "N (NxN) or WxH; the input is the output / 4 (default 1K,2K,4K)")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default auto)")
-    ap.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPUs), fp32, fp16, bf16")
+    ap.add_argument("--dtype", "--dtypes", dest="dtypes", default="auto",
+                    help="comma-separated dtypes for our path: auto (the pipeline's defaults: fp32 + measured "
+                    "per-stage formats on CPU, fp16 on GPUs), fp32, fp16, bf16 (default auto); full and ref "
+                    "always run fp32")
+    ap.add_argument("--compile", action="store_true", help="our path with torch.compile on the UNet (off by default)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per configuration; the median is reported")
     ap.add_argument("--warmup", type=int, default=None,
                     help="untimed runs first (default: 1, except 0 for sd21 on CPU where one run takes minutes)")
     ap.add_argument("--tile-size", type=int, default=None, help="our pipeline's tile size in output pixels "
                     "(default: the pipeline's per-device plan)")
-    ap.add_argument("--paths", default="ours,ref", help="which paths to run: ours, ref or both (default ours,ref)")
+    ap.add_argument("--paths", default="full,ours,ref",
+                    help="which paths to run: full (fp32 untiled, the PSNR reference), ours, ref (default all)")
     ap.add_argument("--threads", type=int, default=None, help="OMP/MKL threads for the workers (default: inherit)")
     ap.add_argument("--mem-limit-gb", type=float, default=None,
                     help="CPU: skip the untiled reference when its estimate exceeds this (default: available - 2 GB)")
@@ -359,8 +421,9 @@ def main(argv=None) -> int:
     except argparse.ArgumentTypeError as exc:
         ap.error(str(exc))
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-    if not sizes or not paths or any(p not in ("ours", "ref") for p in paths):
-        ap.error("--sizes needs at least one size and --paths only ours and/or ref")
+    if not sizes or not paths or any(p not in ("full", "ours", "ref") for p in paths):
+        ap.error("--sizes needs at least one size and --paths only full, ours and/or ref")
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()] or ["auto"]
     if args.repeats < 1:
         ap.error("--repeats must be at least 1")
     warmup = args.warmup
@@ -377,16 +440,20 @@ def main(argv=None) -> int:
 
             log("writing the tiny models")
             tiny_dir = str(make_tiny(Path(tmp) / "tiny")["root"])
-        total = len(sizes) * len(paths)
-        for i, (w, h) in enumerate(sizes):
-            for j, path in enumerate(paths):
-                log(f"[{i * len(paths) + j + 1}/{total}] {args.model} {path} {w}x{h} (fresh process)")
-                job = {"model": args.model, "path": path, "size": [w, h], "device": args.device,
-                       "dtype": args.dtype, "repeats": args.repeats, "warmup": warmup, "seed": args.seed,
-                       "tile_size": args.tile_size, "tiny_dir": tiny_dir, "mem_limit_gb": args.mem_limit_gb}
-                results.append(run_worker(job, args.threads))
-                r = results[-1]
-                log(f"  {r.get('status')}: total {_f(r.get('total_s'))} s, peak {_f(r.get('peak_gb'))} GB")
+        order = [p for p in ("full", "ours", "ref") if p in paths]  # full first: the others compare to it
+        jobs = [(size, path, dt) for size in sizes for path in order for dt in (dtypes if path == "ours" else ["fp32"])]
+        for n, ((w, h), path, dt) in enumerate(jobs):
+            log(f"[{n + 1}/{len(jobs)}] {args.model} {path} {dt} {w}x{h} (fresh process)")
+            saved = str(Path(tmp) / f"full_{w}x{h}.npy")
+            job = {"model": args.model, "path": path, "size": [w, h], "device": args.device, "dtype": dt,
+                   "repeats": args.repeats, "warmup": warmup, "seed": args.seed, "tile_size": args.tile_size,
+                   "tiny_dir": tiny_dir, "mem_limit_gb": args.mem_limit_gb, "compile": args.compile and path == "ours",
+                   "save_to": saved, "compare_to": saved}
+            results.append(run_worker(job, args.threads))
+            results[-1]["compile"] = job["compile"]
+            r = results[-1]
+            log(f"  {r.get('status')}: total {_f(r.get('total_s'))} s, peak {_f(r.get('peak_gb'))} GB, "
+                f"PSNR {_f(r.get('psnr_db'), '{:.1f}')} dB")
     table = format_table(results)
     print(f"\nHeadsUp pipeline benchmark ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, model {args.model}, "
           f"scale x{SCALE}, {os.cpu_count()} CPUs)\n")

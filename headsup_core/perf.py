@@ -80,3 +80,10 @@ def apply_cpu_defaults(model, device: torch.device, dtype_requested=None) -> dic
         log.warning("HeadsUp: the UNet runs in bf16 (%s): about 28 dB from fp32 at 1024², visibly different.",
                     ENV_BF16)
     return chosen
+
+
+def compile_unet(model, **kwargs):
+    """Wrap the UNet in ``torch.compile`` (an option, off by default: compiling costs tens of seconds per tile
+    shape and pays only over many images of one size). Attribute access passes through to the module."""
+    model.unet = torch.compile(model.unet, **kwargs)
+    return model

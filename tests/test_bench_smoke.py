@@ -51,18 +51,23 @@ def test_tiny_bench_prints_the_table(tmp_path):
     proc = _run("--model", "tiny", "--sizes", "256", "--repeats", "1", "--warmup", "0", "--device", "cpu",
                 "--json", str(out_json))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| model | output | path | status | s/MP |" in proc.stdout
-    ours = re.search(r"^\| tiny \| 256x256 \| ours \| ok \| ([0-9.]+) \|.*\| ([0-9.]+) \|$", proc.stdout, re.MULTILINE)
-    ref = re.search(r"^\| tiny \| 256x256 \| ref \| ok \| ([0-9.]+) \|", proc.stdout, re.MULTILINE)
-    assert ours and ref, proc.stdout
-    assert float(ours.group(2)) > 0  # the measured ours/ref ratio
+    assert "| model | output | path | dtype | status | s/MP |" in proc.stdout
+    ours = re.search(r"^\| tiny \| 256x256 \| ours \| [^|]+ \| ok \| ([0-9.]+) \|.*\| ([0-9.]+) \| ([0-9.]+) \| (\w+)",
+                     proc.stdout, re.MULTILINE)
+    ref = re.search(r"^\| tiny \| 256x256 \| ref \| float32 \| ok \| ([0-9.]+) \|.*\| ([0-9.]+) \| - \|",
+                    proc.stdout, re.MULTILINE)
+    full = re.search(r"^\| tiny \| 256x256 \| full \| float32 \| ok \| .*\| ref \| - \|", proc.stdout, re.MULTILINE)
+    assert ours and ref and full, proc.stdout
+    assert float(ours.group(3)) > 0  # the measured ours/ref ratio
+    assert float(ours.group(2)) > 30 and float(ref.group(2)) > 30  # output PSNR vs our fp32 untiled output
     import json
 
     rows = json.loads(out_json.read_text())
-    assert {r["path"] for r in rows} == {"ours", "ref"}
+    assert [r["path"] for r in rows] == ["full", "ours", "ref"]  # full first: the others compare to it
     for r in rows:
-        assert r["status"] == "ok" and r["peak_gb"] > 0 and r["runs"][0]["finite"]
+        assert r["status"] == "ok" and r["peak_gb"] > 0 and r["runs"][0]["finite"] and r["code"]
         assert {"encode_s", "unet_s", "decode_s"} <= set(r)
+        assert ("psnr_db" in r) == (r["path"] != "full")
 
 
 def test_untiled_reference_is_skipped_not_run_when_it_would_not_fit(tmp_path):
@@ -70,4 +75,4 @@ def test_untiled_reference_is_skipped_not_run_when_it_would_not_fit(tmp_path):
     proc = _run("--model", "tiny", "--sizes", "256", "--repeats", "1", "--warmup", "0", "--device", "cpu",
                 "--paths", "ref", "--mem-limit-gb", "0.001", "--json", str(out_json))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| tiny | 256x256 | ref | skipped |" in proc.stdout
+    assert "| tiny | 256x256 | ref | float32 | skipped |" in proc.stdout
