@@ -99,7 +99,7 @@ def prepare_data(work: Path) -> Path:
     return man
 
 
-def _train_images(manifest: Path) -> list[np.ndarray]:
+def _train_images(manifest: Path) -> tuple[list[np.ndarray], list[dict]]:
     recs = [json.loads(x) for x in manifest.read_text().splitlines()]
     return [np.asarray(Image.open(r["path"]).convert("RGB")) for r in recs if r["split"] == "train"], \
         [r for r in recs if r["split"] == "train"]
@@ -115,7 +115,8 @@ def _random_crops(imgs, recs, rng, n, size, face_prob=0.7):
         zoom *= float(rng.uniform(0.8, 1.2)) if zoom * 0.8 * min(im.shape[:2]) > size else 1.0
         t = torch.from_numpy(im).permute(2, 0, 1)[None].float() / 255
         if zoom != 1.0:
-            t = F.interpolate(t, scale_factor=zoom, mode="area" if zoom < 1 else "bicubic", recompute_scale_factor=False)
+            t = F.interpolate(t, scale_factor=zoom, mode="area" if zoom < 1 else "bicubic",
+                              recompute_scale_factor=False)
         h, w = t.shape[-2:]
         if faces and rng.random() < face_prob:
             f = faces[int(rng.integers(len(faces)))]
@@ -163,11 +164,11 @@ def build_base(work: Path, manifest: Path, vae_steps: int, unet_steps: int, size
     deg = RealESRGANDegradation()
     text = json.loads((base / "text_encoder" / "config.json").read_text())
     assert text["hidden_size"] == TOY_UNET["cross_attention_dim"]
-    from headsup_core.pipeline import HeadsUpPipeline  # noqa: F401  (import check only)
     from headsup_core.base_models import load_base
+    from headsup_core.model import HeadsUpModel
+    from headsup_core.pipeline import HeadsUpPipeline
 
     tiny = load_base(str(base))
-    from headsup_core.model import HeadsUpModel
     emb = HeadsUpPipeline(HeadsUpModel(tiny.vae, tiny.unet, "epsilon", 999), tiny.text_encoder_loader) \
         .encode_prompt(", ,").detach()
     a = alpha_bar(999)
@@ -236,7 +237,8 @@ def evaluate(tr, items, analyzer, lpips) -> dict:
             if len(boxes):
                 res["face_psnr"].append(_psnr(sr, gt, face_m))
                 res["bicubic_face_psnr"].append(_psnr(lq, gt, face_m))
-                res["face_lpips"].append(float(lpips(crop_faces(sr * 2 - 1, boxes, 64), crop_faces(gt * 2 - 1, boxes, 64))))
+                res["face_lpips"].append(float(lpips(crop_faces(sr * 2 - 1, boxes, 64),
+                                                     crop_faces(gt * 2 - 1, boxes, 64))))
                 kps = it["kps"]
                 u8 = lambda t: (t[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # noqa: E731
                 for k in kps:
@@ -249,8 +251,6 @@ def evaluate(tr, items, analyzer, lpips) -> dict:
 
 def _items_with_kps(items):
     """Face landmarks of each eval crop (recovered from the stored 5-point ArcFace alignment matrices)."""
-    from headsup_core.train.losses import face_align_matrix  # noqa: F401
-
     arc = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655],
                     [70.7299, 92.2041]], np.float64)
     for it in items:

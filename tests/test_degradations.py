@@ -117,7 +117,7 @@ def test_jpeg_is_a_real_codec_round_trip():
     out = jpeg_roundtrip(img, 40)
     assert torch.allclose(out * 255, (out * 255).round(), atol=1e-4)  # decoded 8-bit pixels
     u8 = (img[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    ok, enc = cv2.imencode(".jpg", cv2.cvtColor(u8, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 40])
+    _, enc = cv2.imencode(".jpg", cv2.cvtColor(u8, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 40])
     ref = cv2.cvtColor(cv2.imdecode(enc, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
     ref = torch.from_numpy(ref).permute(2, 0, 1).float()[None] / 255
     assert (out - ref).abs().mean() < 2 / 255  # another libjpeg build agrees to rounding

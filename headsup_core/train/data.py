@@ -100,8 +100,8 @@ def self_reference(rgb: np.ndarray, kps: np.ndarray, rng, size: int = 128, warp:
 
     crop, ckps, _ = align_face(rgb, kps, size)
     ang = rng.uniform(-warp, warp) * 180.0 / np.pi
-    m = cv2.getRotationMatrix2D((size / 2 + rng.uniform(-warp, warp) * size, size / 2 + rng.uniform(-warp, warp) * size),
-                                ang, 1.0 + rng.uniform(-warp, warp))
+    centre = (size / 2 + rng.uniform(-warp, warp) * size, size / 2 + rng.uniform(-warp, warp) * size)
+    m = cv2.getRotationMatrix2D(centre, ang, 1.0 + rng.uniform(-warp, warp))
     crop = cv2.warpAffine(crop, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
     ckps = ckps @ m[:, :2].T + m[:, 2]
     eye = float(np.linalg.norm(ckps[1] - ckps[0]))

@@ -48,7 +48,8 @@ def evaluate(trainer, items: list[dict], save_to=None) -> dict:
         for i, it in enumerate(items):
             b = collate([it])
             gt = b["gt"].to(dev)
-            lq_up = trainer.make_lq(gt, step=i, salt=99991, base_seed=0, resize_mode="bicubic")  # same LQ for every run and seed
+            # the same LQ for every run and seed; bicubic, as inference
+            lq_up = trainer.make_lq(gt, step=i, salt=99991, base_seed=0, resize_mode="bicubic")
             _, sr = gen(lq_up * 2 - 1, b["canvas"].to(dev), b["mask"].to(dev), b["has_ref"].to(dev),
                         trainer.prompt_embeds_for(b.get("tags")), b.get("ref_windows"))
             sr01 = ((sr.float() + 1) / 2).clamp(0, 1)
