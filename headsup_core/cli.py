@@ -7,7 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import HeadsUpError, InputImageError
+from .choices import COLOR_FIX_MODES, VAE_TILING_MODES
+from .errors import HeadsUpError, InputImageError, InterruptedByUser
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 EXTENSION_MODULES = ("headsup_core.train.cli", "headsup_core.eval.cli")
@@ -79,6 +80,8 @@ def cmd_upscale(args) -> int:
 
     from .imageio import load_image, save_image_atomic
     from .model_paths import find_weights, model_root, resolve_base
+    from .memory import upscale_with_retry
+    from .options import UpscaleOptions
     from .pipeline import HeadsUpPipeline, check_scale
 
     scale = check_scale(args.scale)
@@ -87,6 +90,9 @@ def cmd_upscale(args) -> int:
     root = model_root(args.models)
     base = resolve_base(args.base, root, args.download)
     weights = args.weights or find_weights(root)
+    options = UpscaleOptions(scale=scale, prompt=args.prompt, tile_size=args.tile_size, color_fix=args.color_fix,
+                             seed=args.seed, strength=args.strength, vae_tiling=args.vae_tiling,
+                             memory_fraction=args.memory_fraction)
     pipe = HeadsUpPipeline.from_files(base, weights, device=args.device, dtype=args.dtype,
                                       sample_latent=args.sample_latent)
     analyzer = _load_face_analyzer(args, root)
@@ -104,10 +110,8 @@ def cmd_upscale(args) -> int:
             bar.n = done
             bar.refresh()
 
-        result, info = pipe.upscale(image, scale=scale, reference=references, prompt=args.prompt,
-                                    tile_size=args.tile_size, color_fix=args.color_fix, seed=args.seed,
-                                    face_analyzer=analyzer, progress=progress, return_info=True,
-                                    strength=args.strength, vae_tiling=args.vae_tiling)
+        result, info = upscale_with_retry(pipe, image, options=options, reference=references,
+                                          face_analyzer=analyzer, progress=progress, return_info=True)
         bar.close()
         save_image_atomic(result, dst)
         t = info["timings"][0]
@@ -175,8 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "then none; it prints which one and its licence")
     up.add_argument("--face-models", type=Path, help="insightface root (with models/<pack>/) or facexlib folder")
     up.add_argument("--face-pack", help="insightface pack name, e.g. antelopev2 or buffalo_l (default: auto)")
-    up.add_argument("--tile-size", type=int, help="tile edge in output pixels (default: chosen per device)")
-    up.add_argument("--color-fix", choices=["adain", "wavelet", "none"], default="adain",
+    up.add_argument("--tile-size", type=int, help="tile edge in output pixels for every stage (default: from the "
+                    "memory budget; a stage that fits runs untiled); halved and retried on out-of-memory")
+    up.add_argument("--memory-fraction", type=float, default=None,
+                    help="share of the free RAM (CPU) or VRAM (GPU) the tiles may use (default: "
+                    "$HEADSUP_MEMORY_FRACTION, else 0.5 on CPU, 0.8 on GPU)")
+    up.add_argument("--color-fix", choices=COLOR_FIX_MODES, default="adain",
                     help="colour correction against the input (default adain)")
     up.add_argument("--strength", type=float, default=1.0,
                     help="fidelity <-> detail: 1 = full restoration, lower stays closer to the input (default 1)")
@@ -189,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
                     help="weights precision (default: fp32 on CPU, fp16 on GPU; the UNet output and the "
                     "one-step update are always fp32)")
-    up.add_argument("--vae-tiling", choices=["exact", "fast"], default="exact",
+    up.add_argument("--vae-tiling", choices=VAE_TILING_MODES, default="exact",
                     help="tiled VAE statistics: exact = whole-image GroupNorm statistics pooled over all tiles "
                     "(default), fast = estimated from a small preview (cheaper, visibly less exact)")
     up.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -236,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except HeadsUpError as err:
+        if isinstance(err, InterruptedByUser):
+            print("headsup: interrupted", file=sys.stderr)
+            return 130
         print(f"headsup: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..choices import COLOR_FIX_MODES
+
 DEFAULT_METRICS = "psnr,ssim,lpips,dists,fid,niqe,musiq,maniqa,clipiqa,id_sim,face_psnr,face_lpips"
 
 
@@ -27,7 +29,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="blend: paste-mask feather in 512-crop pixels; 0 = hard paste (default 24)")
     g.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
     g.add_argument("--tile-size", type=int, help="output tile size in pixels (default: chosen for the device)")
-    g.add_argument("--color-fix", default="adain", choices=("adain", "wavelet", "none"),
+    g.add_argument("--color-fix", default="adain", choices=COLOR_FIX_MODES,
                    help="colour fix of the diffusion methods (default adain)")
     g.add_argument("--seed", type=int, default=0, help="seed for LQ synthesis and the models (default 0)")
     f = p.add_argument_group("faces")

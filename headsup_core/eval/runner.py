@@ -361,6 +361,8 @@ def build_methods(names, *, base=None, weights=None, osediff_weights=None, face_
             pipes[key] = HeadsUpPipeline.from_files(base, weights=w, device=device, dtype=dtype)
         return pipes[key]
 
+    from ..memory import upscale_with_retry  # the one OOM policy: halve the tiles and retry
+
     common = dict(tile_size=tile_size, color_fix=color_fix, seed=seed)
     methods: dict[str, Callable] = {}
     for n in names:
@@ -372,7 +374,7 @@ def build_methods(names, *, base=None, weights=None, osediff_weights=None, face_
             methods[n] = run_bicubic
         elif n == "osediff":
             p = pipe(osediff_weights)
-            methods[n] = lambda s, faces, p=p: (p.upscale(s.lq, scale=scale, **common), {})
+            methods[n] = lambda s, faces, p=p: (upscale_with_retry(p, s.lq, scale=scale, **common), {})
         elif n == "headsup":
             if weights is None:
                 raise MissingModelError("--method headsup needs --weights (a HeadsUp .safetensors).")
@@ -384,8 +386,8 @@ def build_methods(names, *, base=None, weights=None, osediff_weights=None, face_
                     from ..imageio import load_image
 
                     refs = [load_image(r) for r in s.references]
-                out, info = p.upscale(s.lq, scale=scale, reference=refs, face_analyzer=analyzer,
-                                      return_info=True, **common)
+                out, info = upscale_with_retry(p, s.lq, scale=scale, reference=refs, face_analyzer=analyzer,
+                                               return_info=True, **common)
                 used = sum(a.get("reference_index") is not None for faces in info.get("assignments") or []
                            for a in faces or [])
                 return out, {"row": {"refs_used": used}} if refs else {}
