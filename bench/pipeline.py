@@ -93,6 +93,18 @@ def build_pipeline(model: str, tiny_dir: str | None, device, dtype, seed: int, d
     return HeadsUpPipeline(m)
 
 
+def untiled_plan():
+    from headsup_core.tiling import TilePlan
+
+    return TilePlan(encoder_tile=10**5, unet_tile=10**5, decoder_tile=10**5)
+
+
+def pipe_options(job: dict, untiled):
+    from headsup_core.options import UpscaleOptions
+
+    return UpscaleOptions(scale=SCALE, tile_size=job["tile_size"] if job["path"] == "ours" else untiled)
+
+
 def psnr(a, b) -> float:
     import numpy as np
 
@@ -216,8 +228,6 @@ def worker(job: dict) -> dict:
 
     from headsup_core import devices
 
-    from headsup_core.tiling import TilePlan
-
     dev = devices.pick_device(job["device"])
     ours = job["path"] == "ours"
     dtype = devices.pick_dtype(job["dtype"], dev) if ours else torch.float32  # full and ref: fp32
@@ -245,17 +255,24 @@ def worker(job: dict) -> dict:
     lq_np = rng.integers(0, 256, (h // SCALE, w // SCALE, 3), dtype=np.uint8)
     lq = torch.from_numpy(lq_np).permute(2, 0, 1)[None].float() / 255  # 1x3xhxw in 0..1
 
-    if job["path"] in ("ref", "full") and dev.type == "cpu":
-        # An untiled SD VAE at a large size can take the whole machine down (no OOM exception on Linux CPU).
-        width = model.vae.config.block_out_channels[0]  # channels at full resolution (128 for SD)
-        est = UNTILED_VAE_ACTIVATIONS * width * h * w * torch.finfo(dtype).bits // 8
+    if dev.type == "cpu":
+        # A large VAE pass can take the whole machine down (no OOM exception on Linux CPU): skip a path whose
+        # estimate does not fit (ours and full: memory.estimate of the plan; ref: its untiled VAE).
+        from headsup_core import memory
+
+        if job["path"] == "ref":
+            width = model.vae.config.block_out_channels[0]  # channels at full resolution (128 for SD)
+            est = UNTILED_VAE_ACTIVATIONS * width * h * w * torch.finfo(dtype).bits // 8
+        else:
+            plan = pipe.plan_for((h // SCALE, w // SCALE), pipe_options(job, untiled_plan()))
+            est = memory.estimate(model, plan, pipe.latent_size((h, w)), dev)["activations"]
         avail = _available_bytes()
         limit = job["mem_limit_gb"] * 1e9 if job["mem_limit_gb"] else (avail or 0) - 2e9
         if est > limit:
-            res["status"] = f"skipped (untiled VAE needs ~{est / 1e9:.0f} GB, limit {limit / 1e9:.0f} GB)"
+            res["status"] = f"skipped ({job['path']} needs ~{est / 1e9:.0f} GB more, limit {limit / 1e9:.0f} GB)"
             return res
     last, outputs = [0.0], []
-    untiled = TilePlan(encoder_tile=10**5, unet_tile=10**5, decoder_tile=10**5)
+    untiled = untiled_plan()
 
     def progress(done, total):
         if time.perf_counter() - last[0] > 5 or done == total:
