@@ -19,7 +19,7 @@ class _DropOptionalKernelNotice(_logging.Filter):
 
 
 _logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropOptionalKernelNotice())
-__all__ = ["HeadsUpPipeline", "__version__"]
+__all__ = ["HeadsUpPipeline", "UpscaleOptions", "__version__"]
 
 
 def __getattr__(name):
@@ -27,4 +27,8 @@ def __getattr__(name):
         from .pipeline import HeadsUpPipeline
 
         return HeadsUpPipeline
+    if name == "UpscaleOptions":
+        from .options import UpscaleOptions
+
+        return UpscaleOptions
     raise AttributeError(name)
