@@ -240,10 +240,12 @@ class HeadsUpPipeline:
                 + plan.vae_tile_count(lh, lw, "decoder"))
 
     # ----------------------------------------------------------------------------------------------- VAE stages
-    def _exact_vae(self, plan: TilePlan) -> bool:
+    def _exact_vae(self, plan: TilePlan, stage: str, latent_hw: tuple[int, int]) -> bool:
+        """Lockstep exact tiles; a stage that fits one tile runs the plain forward instead (exactly untiled)."""
         from .tiled_vae import supports_exact
 
-        return plan.vae_mode == "exact" and supports_exact(getattr(self.model, "vae", None))
+        return (plan.vae_mode == "exact" and plan.vae_tile_count(*latent_hw, stage) > 1
+                and supports_exact(getattr(self.model, "vae", None)))
 
     def _vae_encode(self, x, plan: TilePlan, tick, generator, stage: str, to_unit: bool):
         """Tiled VAE encode of an image in [0, 1] (``to_unit``) or [-1, 1] -> scaled latent."""
@@ -252,7 +254,7 @@ class HeadsUpPipeline:
             for _ in range(plan.vae_tile_count(x.shape[-2] // s, x.shape[-1] // s, "encoder")):
                 tick()
             return torch.zeros(1, 4, x.shape[-2] // s, x.shape[-1] // s, device=dev)
-        if self._exact_vae(plan):
+        if self._exact_vae(plan, "encoder", (x.shape[-2] // s, x.shape[-1] // s)):
             from .tiled_vae import encoder_forward, run_exact
 
             def fwd(vae, t, park):
@@ -274,7 +276,7 @@ class HeadsUpPipeline:
     def _vae_decode(self, x0, plan: TilePlan, tick):
         """Tiled VAE decode of a scaled latent -> image in [-1, 1] on the CPU."""
         model, dev, s = self.model, self.device, self.model.vae_scale
-        if self._exact_vae(plan):
+        if self._exact_vae(plan, "decoder", tuple(x0.shape[-2:])):
             from .tiled_vae import decoder_forward, run_exact
 
             def fwd(vae, t, park):
