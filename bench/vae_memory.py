@@ -5,7 +5,7 @@
 Random weights, fp32, CPU; prints one JSON line: measured MB (peak RSS above the process's level before the stage)
 and the estimate in MB. One stage per process, so each peak is its own.
 """
-import json, resource, sys, torch, time
+import json, resource, sys, torch
 from diffusers import AutoencoderKL
 from headsup_core.loading.base import CONFIG_DIR
 from headsup_core.tiled_vae import run_exact, decoder_forward, encoder_forward

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from headsup_core.color import adain_color_fix, apply_color_fix, wavelet_color_fix
-from headsup_core.errors import HeadsUpError, InputImageError, InterruptedByUser
+from headsup_core.errors import InputImageError, InterruptedByUser
 from headsup_core.tiling import gaussian_weights, run_tiled, tile_starts
 
 
