@@ -74,7 +74,7 @@ def make_degrader(scale: int) -> tuple[Callable[[np.ndarray, int], np.ndarray], 
         deg = RealESRGANDegradation(load_degradation_config(None, scale=scale))
 
         def degrade(gt: np.ndarray, seed: int) -> np.ndarray:
-            x = torch.from_numpy(gt).permute(2, 0, 1)[None].float() / 255.0
+            x = torch.from_numpy(np.array(gt)).permute(2, 0, 1)[None].float() / 255.0  # a writable copy
             lq = deg(x, seed=seed)
             return (lq[0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
@@ -201,7 +201,7 @@ class _Peak:
 
 
 def _to_tensor(u8: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(u8)).permute(2, 0, 1)[None].float() / 255.0
+    return torch.from_numpy(np.array(u8)).permute(2, 0, 1)[None].float() / 255.0
 
 
 def bicubic(lq: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:

@@ -52,7 +52,12 @@ class LPIPSLoss(nn.Module):
                 raise MissingModelError(
                     f"LPIPS needs the torchvision {net} weights at {path}; download {_TV_WEIGHTS[net]} there "
                     "or set losses.lpips_backbone in the training config.")
-        with torch.random.fork_rng():
+        import warnings
+
+        with torch.random.fork_rng(), warnings.catch_warnings():
+            # lpips builds its backbone with torchvision's deprecated pretrained= argument; the backbone weights
+            # are loaded below from a local file, so torchvision's deprecation notice is only noise here.
+            warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*", category=UserWarning)
             torch.manual_seed(0)  # a random (test) LPIPS is the same network in every run and seed
             self.net = lpips.LPIPS(net=net, pretrained=not random, pnet_rand=True, verbose=False)
         if random:
