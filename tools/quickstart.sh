@@ -11,4 +11,4 @@ headsup upscale "$PHOTO" -o out/t1_x4.png --scale 4 \
   --base out/tiny/base.safetensors --weights out/tiny/headsup.safetensors --overwrite
 echo
 echo "Wrote out/t1_x4.png (tiny random weights: a pipeline check, not a real restoration)."
-echo "With real models:  headsup upscale photo.jpg -o photo_x4.png --base sd_turbo.safetensors --weights osediff.pkl"
+echo "With real models:  headsup upscale photo.jpg -o photo_x4.png --base v2-1_512-ema-pruned.safetensors --weights osediff.pkl"
