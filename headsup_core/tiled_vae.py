@@ -201,6 +201,12 @@ def run_exact(forward: Callable, vae, x: torch.Tensor, *, tile: int, context: in
                             .to(compute_device), park))
     sends: list = [None] * len(tiles)
     outputs: list = [None] * len(tiles)
+    # The tiles finish together, so spread the per-tile progress ticks (also interrupt points) over the lockstep
+    # steps: about one step per GroupNorm / attention of the stage; any ticks left are given at the end.
+    stage = getattr(vae, "encoder" if out_factor == 1 else "decoder", vae)
+    expected_steps = max(1, sum(isinstance(m, torch.nn.GroupNorm) or type(m).__name__ == "Attention"
+                                for m in stage.modules()))
+    step, ticks = 0, 0
     while True:
         requests = []
         for i, gen in enumerate(gens):
@@ -235,6 +241,10 @@ def run_exact(forward: Callable, vae, x: torch.Tensor, *, tile: int, context: in
                 o = module.to_out[1](module.to_out[0](o.transpose(1, 2).reshape(b, -1, c)))
                 sends[i] = o.transpose(1, 2).reshape(b, c, hh, ww)
         del acts
+        step += 1
+        while progress and ticks < len(tiles) - 1 and step * len(tiles) >= (ticks + 1) * expected_steps:
+            ticks += 1
+            progress()
     result = None
     for t, out in zip(tiles, outputs):
         if result is None:
@@ -243,6 +253,6 @@ def run_exact(forward: Callable, vae, x: torch.Tensor, *, tile: int, context: in
         y0, x0 = t.core[0] * out_factor, t.core[2] * out_factor
         core = out[..., ys, xs]
         result[..., y0:y0 + core.shape[-2], x0:x0 + core.shape[-1]] = core.float().to(out_device)
-        if progress:
-            progress()
+    for _ in range(len(tiles) - ticks if progress else 0):
+        progress()
     return result

@@ -62,3 +62,26 @@ def test_exact_decoder_with_more_context_converges_to_untiled(tiny_models):
     errs = [(run_exact(decoder_forward, vae, z, tile=16, context=c, in_factor=1, out_factor=8, compute_device=CPU)
              - ref).abs().max().item() for c in (2, 11)]
     assert errs[1] < errs[0] and errs[1] < 1e-2, errs
+
+
+def test_exact_tiles_report_progress_while_they_run(tiny_pipe):
+    """Lockstep tiles finish together; their progress ticks (and interrupt points) still arrive during the
+    stage, one per tile in all, not all at the end."""
+    decoder = tiny_pipe.model.vae.decoder
+    conv_out_calls, seen = [], []
+    hook = decoder.conv_out.register_forward_hook(lambda *a: conv_out_calls.append(1))
+    try:
+        import numpy as np
+
+        img = (np.random.default_rng(0).random((48, 48, 3)) * 255).astype(np.uint8)
+        _, info = tiny_pipe.upscale(img, 8, tile_size=128, color_fix="none", vae_tiling="exact", return_info=True,
+                                    progress=lambda done, total: seen.append((done, total, len(conv_out_calls))))
+    finally:
+        hook.remove()
+    plan = info["tile_plan"]
+    n_dec = plan.vae_tile_count(48, 48, "decoder")
+    assert n_dec > 1
+    done, total = seen[-1][0], seen[-1][1]
+    assert done == total == len(seen)  # every tile ticked exactly once
+    decoder_ticks = [c for *_, c in seen[-n_dec:]]
+    assert decoder_ticks[0] == 0  # the first decoder tick came before any tile reached conv_out
