@@ -51,14 +51,7 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def sd2(tmp_path_factory):
-    sys.path.insert(0, str(Path(__file__).parent))
-    try:
-        from sd2_small import write_sd2_small
-    finally:
-        sys.path.remove(str(Path(__file__).parent))
-    return write_sd2_small(tmp_path_factory.mktemp("sd2"), with_clip=True)
+sd2 = e2e.sd2  # the same small SD2-shaped base the end-to-end test writes (module-scoped fixture)
 
 
 @pytest.fixture(scope="module")
