@@ -7,7 +7,10 @@ CPU, when the dtype is left on auto:
   flags, never assumed). Measured on the SD2.1-size architecture, 512² output, against fp32: decoder bf16
   44.7 dB, encoder bf16 42.0 dB, both 40.7 dB, UNet bf16 28 dB (the one-step update multiplies eps errors
   ~14.6x). The decoder is the slowest stage and has the most margin above the 40 dB floor;
-* the UNet and the x0 update stay fp32 (``HeadsUpModel.predict_x0`` computes x0 in fp32 anyway).
+* the UNet and the x0 update stay fp32 (``HeadsUpModel.predict_x0`` computes x0 in fp32 anyway);
+* the VAE decoder's nearest-x2 + 3x3 conv upsamplers run polyphase (``headsup_core/upsample.py``: exact, 4/9 of
+  the MACs; bench/upsample.py, ~2x per upsampler at the decoder's shapes). Not the UNet's: at its shapes (1280
+  channels, 8-32 px) it measured no faster and its derived kernels would hold ~240 MB more. Any dtype.
 ``HEADSUP_CPU_BF16`` overrides the bf16 stages: a comma list of ``encoder``, ``decoder``, ``unet``, or ``none``.
 """
 from __future__ import annotations
@@ -70,6 +73,9 @@ def apply_cpu_defaults(model, device: torch.device, dtype_requested=None) -> dic
     for part in (model.unet, model.vae):
         part.to(memory_format=torch.channels_last)
     chosen["channels_last"] = True
+    from .upsample import patch_upsamplers
+
+    chosen["polyphase_upsample"] = patch_upsamplers(model.vae.decoder)  # exact in any dtype, so always
     if dtype_requested not in (None, "auto"):
         return chosen
     for stage in cpu_bf16_stages():

@@ -20,14 +20,15 @@ def test_cpu_defaults_by_stage(tiny_models, monkeypatch):
     monkeypatch.setattr(perf, "cpu_native_bf16", lambda flags=None: True)
     pipe = HeadsUpPipeline.from_files(tiny_models["base"], tiny_models["headsup"], device="cpu")
     m = pipe.model
-    assert pipe.source["formats"] == {"channels_last": True, "decoder": "bf16"}
+    assert pipe.source["formats"] == {"channels_last": True, "polyphase_upsample": 3, "decoder": "bf16"}
     assert (m.decoder_dtype, m.encoder_dtype, m.dtype) == (torch.bfloat16, torch.float32, torch.float32)
     assert m.vae.post_quant_conv.weight.dtype == torch.bfloat16
     assert m.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     img = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
     out = pipe.upscale(img, 2, color_fix="none").astype(np.float64)
     ref_pipe = HeadsUpPipeline.from_files(tiny_models["base"], tiny_models["headsup"], device="cpu", dtype="fp32")
-    assert ref_pipe.model.decoder_dtype == torch.float32 and ref_pipe.source["formats"] == {"channels_last": True}
+    assert ref_pipe.model.decoder_dtype == torch.float32
+    assert ref_pipe.source["formats"] == {"channels_last": True, "polyphase_upsample": 3}
     ref = ref_pipe.upscale(img, 2, color_fix="none").astype(np.float64)
     psnr = 10 * np.log10(255.0**2 / max(np.mean((out - ref) ** 2), 1e-12))
     assert 30 < psnr < 200, psnr  # close to fp32, and it did run in bf16
@@ -37,6 +38,19 @@ def test_cpu_defaults_by_stage(tiny_models, monkeypatch):
     monkeypatch.setenv(perf.ENV_BF16, "encoder,decoder")
     both = HeadsUpPipeline.from_files(tiny_models["base"], tiny_models["headsup"], device="cpu")
     assert both.model.encoder_dtype == both.model.decoder_dtype == torch.bfloat16 and both.dtype == torch.float32
+
+
+def test_polyphase_upsamplers_only_in_the_vae_decoder(tiny_models):
+    from diffusers.models.upsampling import Upsample2D
+
+    from headsup_core.upsample import PolyphaseUpsample2D
+
+    m = HeadsUpPipeline.from_files(tiny_models["base"], tiny_models["headsup"], device="cpu").model
+    kinds = {name: type(mod) for part in ("unet", "vae") for name, mod in getattr(m, part).named_modules(prefix=part)
+             if isinstance(mod, Upsample2D)}
+    assert sorted(n for n, k in kinds.items() if k is PolyphaseUpsample2D) == [
+        f"vae.decoder.up_blocks.{i}.upsamplers.0" for i in range(3)]
+    assert any(n.startswith("unet.") and k is Upsample2D for n, k in kinds.items())
 
 
 def test_nan_in_the_bf16_decoder_is_retried_in_fp32(tiny_models, monkeypatch, caplog):
