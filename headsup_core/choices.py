@@ -4,3 +4,4 @@ Torch-free, so ``--help`` and the webui's script import stay cheap.
 """
 COLOR_FIX_MODES = ("adain", "wavelet", "none")
 VAE_TILING_MODES = ("exact", "fast")
+WEIGHT_DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")  # storage of the UNet's weights (loading/dtypes.py)

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .choices import COLOR_FIX_MODES, VAE_TILING_MODES
+from .choices import COLOR_FIX_MODES, VAE_TILING_MODES, WEIGHT_DTYPE_CHOICES
 from .errors import HeadsUpError, InputImageError, InterruptedByUser
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -94,7 +94,7 @@ def cmd_upscale(args) -> int:
                              seed=args.seed, strength=args.strength, vae_tiling=args.vae_tiling,
                              memory_fraction=args.memory_fraction)
     pipe = HeadsUpPipeline.from_files(base, weights, device=args.device, dtype=args.dtype,
-                                      sample_latent=args.sample_latent)
+                                      sample_latent=args.sample_latent, weight_dtype=args.weight_dtype)
     analyzer = _load_face_analyzer(args, root)
     references = [load_image(r) for r in args.reference] if args.reference else None
     if references:
@@ -197,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
                     help="weights precision (default: fp32 on CPU, fp16 on GPU; the UNet output and the "
                     "one-step update are always fp32)")
+    up.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPE_CHOICES), default="auto",
+                    help="dtype the UNet's weights are kept in between layers, each layer computing in --dtype "
+                    "(default auto: as --dtype, or fp16 on a CPU when fp32 weights would take over half the "
+                    "memory budget; fp16 halves resident weights at some speed)")
     up.add_argument("--vae-tiling", choices=VAE_TILING_MODES, default="exact",
                     help="tiled VAE statistics: exact = whole-image GroupNorm statistics pooled over all tiles "
                     "(default), fast = estimated from a small preview (cheaper, visibly less exact)")

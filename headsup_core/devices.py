@@ -86,16 +86,20 @@ def empty_cache(device: torch.device) -> None:
 
 @contextlib.contextmanager
 def upcast(module: torch.nn.Module):
-    """Temporarily run ``module`` in fp32 (the NaN/Inf retry for half-precision stages)."""
-    dtype = next(module.parameters()).dtype
-    if dtype == torch.float32:
+    """Temporarily run ``module`` in fp32 (the NaN/Inf retry for half-precision stages). Every parameter gets its
+    own dtype back afterwards (stages may mix dtypes: 16-bit stored weights next to fp32 norms)."""
+    params = list(module.parameters())
+    if all(p.dtype == torch.float32 for p in params):
         yield
         return
+    dtypes = [p.dtype for p in params]
     module.float()
     try:
         yield
     finally:
-        module.to(dtype)
+        for p, dt in zip(params, dtypes):
+            if p.dtype != dt:
+                p.data = p.data.to(dt)
 
 
 OOM_ERRORS: tuple[type[BaseException], ...] = (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else (RuntimeError,)

@@ -21,6 +21,12 @@ def alpha_bar(timestep: int, beta_start: float = 0.00085, beta_end: float = 0.01
     return float(torch.cumprod(1.0 - betas, 0)[timestep])
 
 
+def compute_dtype_of(module: torch.nn.Module) -> torch.dtype:
+    """The dtype ``module`` computes in: its weights' dtype, unless its weights are stored narrower and cast per
+    layer (loading/dtypes.py ``apply_storage`` records the compute dtype)."""
+    return getattr(module, "_headsup_compute_dtype", None) or next(module.parameters()).dtype
+
+
 def assemble_unet_input(lq_latent: torch.Tensor, ref_latent: torch.Tensor | None = None,
                         face_mask: torch.Tensor | None = None, in_channels: int = COND_CHANNELS) -> torch.Tensor:
     """LQ latent ⊕ reference latent ⊕ face mask along channels, zeros where absent.
@@ -80,7 +86,7 @@ class HeadsUpModel(torch.nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        return compute_dtype_of(self.unet)
 
     @property
     def vae_dtype(self) -> torch.dtype:
@@ -89,11 +95,11 @@ class HeadsUpModel(torch.nn.Module):
     @property
     def encoder_dtype(self) -> torch.dtype:
         """The VAE encoder's dtype (it may differ from the decoder's: per-stage precision, see perf.py)."""
-        return next(self.vae.encoder.parameters()).dtype
+        return compute_dtype_of(self.vae.encoder)
 
     @property
     def decoder_dtype(self) -> torch.dtype:
-        return next(self.vae.decoder.parameters()).dtype
+        return compute_dtype_of(self.vae.decoder)
 
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Image in [-1, 1] -> scaled latent. Posterior mode by default (deterministic), or a sample."""

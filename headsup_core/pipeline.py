@@ -62,17 +62,19 @@ class HeadsUpPipeline:
     @classmethod
     def from_files(cls, base, weights=None, device=None, dtype=None, prediction_type: str | None = None,
                    sample_latent: bool = False, configs: dict | None = None,
-                   tag_source: Callable | None = None) -> "HeadsUpPipeline":
+                   tag_source: Callable | None = None, weight_dtype: str | None = "auto") -> "HeadsUpPipeline":
         """Load the SD2.x ``base`` (diffusers folder or single file) and HeadsUp/OSEDiff ``weights``.
 
         Conditioning (OSEDiff's): the embedding stored in the weights, else the base's text encoder applied to
         ``", ,"`` (OSEDiff's prompt form with no tags and no prompt). ``configs`` overrides the shipped SD2
-        configs for single files (``{"unet", "vae", "text_encoder"}``).
+        configs for single files (``{"unet", "vae", "text_encoder"}``). ``dtype`` is the compute dtype (default:
+        per device and stage), ``weight_dtype`` the dtype the UNet's weights are kept in (``auto``: the compute
+        dtype, or fp16 on a CPU whose memory budget is short; see loading/dtypes.py).
         """
         from .loading.build import build_model
 
         model, info = build_model(base, weights, device, dtype, prediction_type=prediction_type,
-                                  sample_latent=sample_latent, configs=configs)
+                                  sample_latent=sample_latent, configs=configs, weight_dtype=weight_dtype)
         from .perf import apply_cpu_defaults
 
         info["formats"] = apply_cpu_defaults(model, model.device, dtype)  # measured CPU formats (inference only)
@@ -80,6 +82,9 @@ class HeadsUpPipeline:
 
     def to(self, device=None, dtype=None) -> "HeadsUpPipeline":
         self.model.to(device=device, dtype=dtype)
+        if dtype is not None:  # every stage now computes and stores in dtype
+            for module in self.model.modules():
+                module.__dict__.pop("_headsup_compute_dtype", None)
         return self
 
     @property
@@ -246,7 +251,7 @@ class HeadsUpPipeline:
         return (plan.vae_mode == "exact" and plan.vae_tile_count(*latent_hw, stage) > 1
                 and supports_exact(getattr(self.model, "vae", None)))
 
-    def _vae_encode(self, x, plan: TilePlan, tick, generator, stage: str, to_unit: bool):
+    def _vae_encode(self, x, plan: TilePlan, tick, generator, stage: str, to_unit: bool, options=None):
         """Tiled VAE encode of an image in [0, 1] (``to_unit``) or [-1, 1] -> scaled latent."""
         model, dev, s = self.model, self.device, self.model.vae_scale
         if not bool(x.abs().amax() > 0) and not to_unit:  # an empty reference canvas encodes to nothing
@@ -260,9 +265,12 @@ class HeadsUpPipeline:
                 t = t.to(model.encoder_dtype)
                 return encoder_forward(vae, t * 2 - 1 if to_unit else t, park)
 
+            ram = self._vae_ram_budget(plan, "encoder", (x.shape[-2] // s, x.shape[-1] // s), options)
+
             def run():
                 return run_exact(fwd, model.vae, x, tile=plan.encoder_tile, context=plan.encoder_context,
-                                 in_factor=s, out_factor=1, compute_device=dev, out_device=dev, progress=tick)
+                                 in_factor=s, out_factor=1, compute_device=dev, out_device=dev, progress=tick,
+                                 ram_budget=ram)
             moments = self._guard_stage(run, self._stage_module("encoder"), stage)
             return model.latent_from_moments(moments, generator)
         enc = self._guard(lambda t: model.encode(t * 2 - 1 if to_unit else t, generator),
@@ -272,7 +280,7 @@ class HeadsUpPipeline:
                          skip=None if to_unit else (lambda t: not bool(t.abs().amax() > 0)),
                          norm_sync=model.vae.encoder, preview_side=ENCODER_PREVIEW, context=plan.encoder_overlap)
 
-    def _vae_decode(self, x0, plan: TilePlan, tick):
+    def _vae_decode(self, x0, plan: TilePlan, tick, options=None):
         """Tiled VAE decode of a scaled latent -> image in [-1, 1] on the CPU."""
         model, dev, s = self.model, self.device, self.model.vae_scale
         if self._exact_vae(plan, "decoder", tuple(x0.shape[-2:])):
@@ -281,15 +289,25 @@ class HeadsUpPipeline:
             def fwd(vae, t, park):
                 return decoder_forward(vae, t.to(model.decoder_dtype) / model.scaling_factor, park)
 
+            ram = self._vae_ram_budget(plan, "decoder", tuple(x0.shape[-2:]), options)
+
             def run():
                 return run_exact(fwd, model.vae, x0, tile=plan.decoder_tile, context=plan.decoder_context,
                                  in_factor=1, out_factor=s, compute_device=dev, out_device=torch.device("cpu"),
-                                 progress=tick)
+                                 progress=tick, ram_budget=ram)
             return self._guard_stage(run, self._stage_module("decoder"), "decoder").clamp_(-1, 1)
         dec = self._guard(model.decode, self._stage_module("decoder"), "decoder")
         return run_tiled(dec, x0, tile=plan.decoder_tile, overlap=plan.decoder_overlap, in_factor=1, out_factor=s,
                          out_channels=3, compute_device=dev, out_device=torch.device("cpu"), progress=tick,
                          norm_sync=model.vae.decoder, preview_side=DECODER_PREVIEW, context=plan.decoder_overlap // 2)
+
+    def _vae_ram_budget(self, plan: TilePlan, stage: str, latent_hw, options) -> int:
+        """RAM the exact tiled VAE may park activations in; beyond it they spill to disk (memory.vae_ram_budget)."""
+        from .memory import vae_ram_budget
+
+        opts = options or UpscaleOptions()
+        return vae_ram_budget(self.model, plan, latent_hw, stage, self.device, opts.memory_fraction,
+                              opts.memory_budget_mb)
 
     def _stage_module(self, stage: str) -> torch.nn.Module:
         """The modules of a VAE stage (their dtype may differ per stage, see perf.py), for the fp32 retry."""
@@ -370,7 +388,7 @@ class HeadsUpPipeline:
 
                 windows = [a["ref_window"] for a in cond.assignments if "ref_window" in a]
                 ref_latent = encode_reference_windows(cond.canvas.float(), windows, lambda t: self._vae_encode(
-                    t, plan, lambda: None, generator, "reference encoder", to_unit=False), (lh, lw))
+                    t, plan, lambda: None, generator, "reference encoder", to_unit=False, options=opts), (lh, lw))
                 for _ in range(plan.vae_tile_count(lh, lw, "encoder")):  # the progress total counts these
                     tick()
                 ref_latent = None if ref_latent is None else ref_latent.to(dev) * mask_lat
@@ -381,7 +399,7 @@ class HeadsUpPipeline:
 
         t1 = time.perf_counter()
         # Map to [-1, 1] per tile, so no second full-size copy of the image is made.
-        lq_latent = self._vae_encode(padded, plan, tick, generator, "encoder", to_unit=True)
+        lq_latent = self._vae_encode(padded, plan, tick, generator, "encoder", to_unit=True, options=opts)
         timing["encode_s"] = time.perf_counter() - t1
         self._mark_peak(timing, "encode", dev)
 
@@ -394,7 +412,7 @@ class HeadsUpPipeline:
         self._mark_peak(timing, "unet", dev)
 
         t3 = time.perf_counter()
-        y = self._vae_decode(x0, plan, tick)
+        y = self._vae_decode(x0, plan, tick, opts)
         timing["decode_s"] = time.perf_counter() - t3
         self._mark_peak(timing, "decode", dev)
         log.debug("HeadsUp %dx%d: %s", ow, oh, ", ".join(f"{k}={v:.2f}" for k, v in timing.items()))

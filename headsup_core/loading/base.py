@@ -94,7 +94,12 @@ def _torch_load_safely(path: str) -> dict:
     import pickle
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:  # zip-format checkpoints are memory-mapped (tensors are read when used); legacy ones are read whole
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err) and "zip" not in str(err):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise WeightsError(
             f"Refusing to load {path}: it is a pickle that contains code or objects other than tensors ({err}). "
@@ -191,7 +196,7 @@ def _build(cls, config: dict, state: dict, what: str, path: str):
             f"({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. {(missing or unexpected)[:3]})."
         )
     _check_shapes(model, state, what, path)
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+    model.load_state_dict(state, strict=True, assign=True)  # tensors keep the dtype they were read in
     return model.eval()
 
 
@@ -205,37 +210,60 @@ def _check_shapes(model: torch.nn.Module, state: dict, what: str, path: str) -> 
             )
 
 
-def load_single_file(path: str, prediction_type: str | None = None, configs: dict | None = None) -> BaseModels:
+def load_single_file(path: str, prediction_type: str | None = None, configs: dict | None = None,
+                     dtypes: dict | None = None) -> BaseModels:
     """An SD2.x single file (LDM or sgm layout) -> UNet, VAE and a lazy loader for its text encoder.
 
-    ``configs`` overrides the shipped SD2 configs (``{"unet": ..., "vae": ..., "text_encoder": ...}``), for
-    smaller models of the same layout such as the ones ``make-tiny`` writes.
+    The file is identified from its header (names, shapes), then only the UNet's and the VAE's tensors are read,
+    each straight into its stage's dtype (``dtypes``: ``{"unet", "encoder", "decoder"}``, default fp32; see
+    stream.py): no whole-file copy and no fp32 copy on the way. ``configs`` overrides the shipped SD2 configs
+    (``{"unet": ..., "vae": ..., "text_encoder": ...}``), for smaller models of the same layout such as the ones
+    ``make-tiny`` writes.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
-    sd, meta = read_state_dict(path)
-    arch = identify_architecture(sd)
+    from .stream import SingleFile
+
+    if not os.path.exists(path):
+        raise MissingModelError(f"Weights file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise WeightsError(f"The weights file {path} is empty (0 bytes); download or copy it again.")
+    src = SingleFile(path)
+    header, meta = src.header, src.metadata
+    arch = identify_architecture(header)
     if arch != "sd2":
-        raise _wrong_arch_error(path, arch, sd)
+        raise _wrong_arch_error(path, arch, header)
     if configs is None and TINY_CONFIG_KEY in meta:
         configs = json.loads(meta[TINY_CONFIG_KEY])
     configs = dict(configs or {})
     unet_cfg = configs.get("unet") or UNet2DConditionModel.load_config(CONFIG_DIR / "sd2" / "unet")
     vae_cfg = configs.get("vae") or AutoencoderKL.load_config(CONFIG_DIR / "sd2" / "vae")
-    if not any(k.startswith("first_stage_model.") for k in sd):
+    if not any(k.startswith("first_stage_model.") for k in header):
         raise WeightsError(f"{path} has a UNet but no VAE (first_stage_model.*); use a full SD2.x checkpoint.")
-    layout = identify_layout(sd)
+    layout = identify_layout(header)
     loader = None
     if layout != "none":
-        check_text_tower(sd, TEXT_PREFIXES[layout], text_config(configs.get("text_encoder")), path)
-        loader = single_file_text_loader(path, layout, sd, configs.get("text_encoder"))
-    unet_sd = convert_ldm_unet_checkpoint(sd, dict(unet_cfg))
-    vae_sd = convert_ldm_vae_checkpoint(sd, dict(vae_cfg))
-    pred = prediction_type or meta.get("prediction_type") or guess_prediction_type(sd)
-    del sd
+        check_text_tower(header, TEXT_PREFIXES[layout], text_config(configs.get("text_encoder")), path)
+        kept = None if src.safetensors else src.read(src.keys_with_prefix(TEXT_PREFIXES[layout]))
+        loader = single_file_text_loader(path, layout, kept, configs.get("text_encoder"))
+    pred = prediction_type or meta.get("prediction_type") or guess_prediction_type(
+        src.read(src.keys_with_prefix(f"{LDM_UNET}output_blocks.11.1.transformer_blocks.0.norm1.bias")))
+    want = {"unet": torch.float32, "encoder": torch.float32, "decoder": torch.float32, **(dtypes or {})}
+
+    def vae_rule(key: str, _stored: torch.dtype) -> torch.dtype:
+        part = key[len("first_stage_model."):].split(".", 1)[0]
+        return want["decoder"] if part in ("decoder", "post_quant_conv") else want["encoder"]
+
+    # diffusers' own key conversion, on the UNet's tensors only (EMA copies and the text tower are never read)
+    unet_sd = convert_ldm_unet_checkpoint(src.read(src.keys_with_prefix(LDM_UNET), lambda k, d: want["unet"]),
+                                          dict(unet_cfg))
     unet = _build(UNet2DConditionModel, unet_cfg, unet_sd, "UNet", path)
+    del unet_sd
+    vae_sd = convert_ldm_vae_checkpoint(src.read(src.keys_with_prefix("first_stage_model."), vae_rule),
+                                        dict(vae_cfg))
     vae = _build(AutoencoderKL, vae_cfg, vae_sd, "VAE", path)
+    src.close()
     return BaseModels(unet, vae, pred, "sd2", path, text_encoder_loader=loader, layout=layout,
                       fingerprint=base_fingerprint(unet))
 
@@ -250,7 +278,7 @@ def _check_diffusers_arch(unet, vae, path: str) -> None:
         raise WeightsError(f"{path}: the VAE has {vae.config.latent_channels} latent channels; SD2.x needs 4.")
 
 
-def load_diffusers_folder(path: str, prediction_type: str | None = None) -> BaseModels:
+def load_diffusers_folder(path: str, prediction_type: str | None = None, dtypes: dict | None = None) -> BaseModels:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     for sub in ("unet", "vae"):
@@ -260,8 +288,14 @@ def load_diffusers_folder(path: str, prediction_type: str | None = None) -> Base
                 f"{path} is not a diffusers model folder: {cfg} is missing (expected unet/ and vae/ subfolders)."
             )
     try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
+        want = dtypes or {}
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True,
+                                                    torch_dtype=want.get("unet", torch.float32))
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True,
+                                            torch_dtype=want.get("encoder", torch.float32))
+        for part in (vae.decoder, getattr(vae, "post_quant_conv", None)):
+            if part is not None:
+                part.to(want.get("decoder", torch.float32))
     except (OSError, ValueError, RuntimeError, EnvironmentError) as err:
         raise WeightsError(f"Cannot load the diffusers model in {path}: {err}") from None
     _check_diffusers_arch(unet, vae, path)
@@ -288,9 +322,28 @@ def load_diffusers_folder(path: str, prediction_type: str | None = None) -> Base
                       layout="diffusers" if loader else "none", fingerprint=base_fingerprint(unet))
 
 
-def load_base(path: str | os.PathLike, prediction_type: str | None = None, configs: dict | None = None) -> BaseModels:
-    """Load an SD2.x base from a diffusers folder or a single ``.safetensors``/``.ckpt`` file (CPU, fp32).
+def base_param_count(path: str | os.PathLike) -> int:
+    """Parameters of the base's UNet and VAE, from file headers only (0 when unknown); for the storage policy."""
+    from .stream import SingleFile
 
+    path = os.fspath(path)
+    try:
+        if os.path.isdir(path):
+            files = [os.path.join(path, sub, "diffusion_pytorch_model.safetensors") for sub in ("unet", "vae")]
+            return sum(sum(t.numel() for t in SingleFile(f).header.values()) for f in files if os.path.isfile(f))
+        if path.endswith(".safetensors") and os.path.isfile(path):
+            header = SingleFile(path).header
+            return sum(t.numel() for k, t in header.items() if k.startswith((LDM_UNET, "first_stage_model.")))
+    except WeightsError:
+        return 0  # load_base says what is wrong with the file
+    return 0
+
+
+def load_base(path: str | os.PathLike, prediction_type: str | None = None, configs: dict | None = None,
+              dtypes: dict | None = None) -> BaseModels:
+    """Load an SD2.x base from a diffusers folder or a single ``.safetensors``/``.ckpt`` file, on the CPU.
+
+    ``dtypes`` (``{"unet", "encoder", "decoder"}``, default fp32 each) are the dtypes the weights are read in.
     ``configs`` (single files only) overrides the shipped SD2 configs: ``{"unet", "vae", "text_encoder"}``."""
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -299,9 +352,9 @@ def load_base(path: str | os.PathLike, prediction_type: str | None = None, confi
             "v2-1_512-ema-pruned.safetensors (ComfyUI keeps them in models/checkpoints)."
         )
     if os.path.isdir(path):
-        base = load_diffusers_folder(path, prediction_type)
+        base = load_diffusers_folder(path, prediction_type, dtypes)
     elif path.lower().endswith(SINGLE_FILE_SUFFIXES):
-        base = load_single_file(path, prediction_type, configs)
+        base = load_single_file(path, prediction_type, configs, dtypes)
     else:
         raise WeightsError(f"Unsupported base model file {path}; use .safetensors or .ckpt, or a diffusers folder.")
     if base.prediction_type not in ("epsilon", "v_prediction"):

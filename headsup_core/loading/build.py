@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
+
 from .. import devices
 from ..model import HeadsUpModel
 
@@ -11,24 +13,32 @@ log = logging.getLogger("headsup")
 
 
 def build_model(base, weights=None, device=None, dtype=None, *, prediction_type: str | None = None,
-                sample_latent: bool = False, configs: dict | None = None) -> tuple[HeadsUpModel, dict[str, Any]]:
+                sample_latent: bool = False, configs: dict | None = None,
+                weight_dtype: str | None = "auto") -> tuple[HeadsUpModel, dict[str, Any]]:
     """Load the SD2.x ``base`` (diffusers folder or single file), apply HeadsUp/OSEDiff ``weights`` (LoRA merged,
     conv_in widened), and set OSEDiff's conditioning: the embedding stored in the weights, else the base's text
     encoder on ``", ,"``. ``configs`` overrides the shipped SD2 configs for single files
     (``{"unet", "vae", "text_encoder"}``), e.g. for the models ``make-tiny`` writes.
 
-    Returns the model (eval, no grad, on ``device`` in ``dtype``) and an info dict: ``base``, ``weights``,
-    ``base_key``, ``base_layout``, ``base_fingerprint`` and ``text_encoder_loader`` (None without one).
+    Each stage's weights are read straight into the dtype they are kept in (dtypes.py): ``dtype`` names the
+    compute dtype (default: per device and stage, see perf.py), ``weight_dtype`` the storage (``auto``: the
+    compute dtype, or fp16 on a CPU whose memory budget is short).
+
+    Returns the model (eval, no grad, on ``device``) and an info dict: ``base``, ``weights``, ``base_key``,
+    ``base_layout``, ``base_fingerprint``, ``dtypes`` (compute and storage per stage) and ``text_encoder_loader``
+    (None without one).
     """
     from ..licences import describe_licence
-    from .base import load_base
+    from .base import base_param_count, load_base
+    from .dtypes import apply_storage, compute_dtypes, storage_dtypes
     from .surgery import widen_conv_in
     from .text_encoder import PromptEncoder, osediff_prompt
     from .weights import apply_weights, base_warnings, load_weights
 
     dev = devices.pick_device(device)
-    dt = devices.pick_dtype(dtype, dev)
-    base_models = load_base(base, prediction_type, configs=configs)
+    compute = compute_dtypes(dev, dtype)
+    storage = storage_dtypes(dev, compute, weight_dtype, 4 * base_param_count(base))
+    base_models = load_base(base, prediction_type, configs=configs, dtypes=storage)
     pred, timestep, embeds, meta = base_models.prediction_type, 999, None, {}
     if weights is not None:
         loaded = load_weights(weights)
@@ -60,8 +70,19 @@ def build_model(base, weights=None, device=None, dtype=None, *, prediction_type:
                 "`headsup convert-osediff IN.pkl -o OUT.safetensors --base <SD2.1-base file>`.", base)
     model = HeadsUpModel(base_models.vae, base_models.unet, pred, timestep, embeds, sample_latent, meta)
     model.requires_grad_(False).eval()
-    model.to(device=dev, dtype=dt)
+    model.to(device=dev)
+    vae = base_models.vae
+    parts = {"unet": [model.unet], "encoder": [vae.encoder, getattr(vae, "quant_conv", None)],
+             "decoder": [vae.decoder, getattr(vae, "post_quant_conv", None)]}
+    for stage, modules in parts.items():
+        for module in filter(None, modules):  # the weights' own tensors (e.g. a widened conv_in) follow too
+            apply_storage(module, storage[stage], compute[stage])
     info = {"base": str(base), "weights": str(weights), "base_key": base_models.cache_key,
             "base_layout": base_models.layout, "base_fingerprint": base_models.fingerprint,
-            "text_encoder_loader": loader}
+            "text_encoder_loader": loader,
+            "dtypes": {s: {"compute": _name(compute[s]), "storage": _name(storage[s])} for s in compute}}
     return model, info
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
