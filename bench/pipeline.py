@@ -18,8 +18,9 @@ Paths, on identical weights (every worker builds them from the same seed):
   untiled VAE decode.
 When an untiled path would not fit in memory (untiled VAE at large sizes) it is reported as skipped/OOM.
 
-``sd21`` is the SD2.1-size architecture (configs shipped in headsup_core) with random weights and conv_in
-widened to 9 channels; ``tiny`` is the ``make-tiny`` model. Timings are for the one-step model, no faces.
+``sd21`` is the SD2.1-size architecture with seeded random weights, written once as an fp16 LDM single file and
+loaded from it like a user's file (bench/models.py); ``tiny`` is the ``make-tiny`` model. Timings are for the
+one-step model, no faces.
 """
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from models import build_pipeline, sd21_single_file  # noqa: E402 - bench/ is not a package
 
 NAMED_SIZES = {"1K": (1024, 1024), "2K": (2048, 2048), "4K": (3840, 2160), "FHD": (1920, 1080)}
 SCALE = 4
@@ -60,39 +64,6 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- worker side
-def build_pipeline(model: str, tiny_dir: str | None, device, dtype, seed: int, defaults: bool = False,
-                   dtype_requested=None):
-    """The model with random/tiny weights in ``dtype``; ``defaults``: with the pipeline's measured CPU formats
-    (as ``from_files`` applies them), else plain contiguous ``dtype`` (the fp32 references)."""
-    import torch
-
-    from headsup_core.perf import apply_cpu_defaults
-    from headsup_core.pipeline import HeadsUpPipeline
-
-    if model == "tiny":
-        pipe = HeadsUpPipeline.from_files(Path(tiny_dir) / "base", Path(tiny_dir) / "headsup.safetensors",
-                                          device=device, dtype=dtype_requested if defaults else dtype)
-        if not defaults:
-            pipe.model.to(memory_format=torch.contiguous_format)
-        return pipe
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    from headsup_core.base_models import CONFIG_DIR, widen_conv_in
-    from headsup_core.model import HeadsUpModel
-
-    cfg = CONFIG_DIR / "sd2"
-    torch.manual_seed(seed)  # identical random weights in every worker process
-    unet = UNet2DConditionModel.from_config(json.loads((cfg / "unet" / "config.json").read_text()))
-    vae = AutoencoderKL.from_config(json.loads((cfg / "vae" / "config.json").read_text()))
-    widen_conv_in(unet, 9)
-    m = HeadsUpModel(vae, unet, "epsilon", 999)
-    m.requires_grad_(False).eval()
-    m.to(device=device, dtype=dtype)
-    if defaults:
-        apply_cpu_defaults(m, device, dtype_requested)
-    return HeadsUpPipeline(m)
-
-
 def untiled_plan():
     from headsup_core.tiling import TilePlan
 
@@ -236,8 +207,8 @@ def worker(job: dict) -> dict:
     res.update(device=str(dev), dtype=str(dtype).replace("torch.", ""), threads=torch.get_num_threads(),
                code=_code_version())
     t = time.perf_counter()
-    pipe = build_pipeline(job["model"], job.get("tiny_dir"), dev, dtype, job["seed"], defaults=ours,
-                          dtype_requested=job["dtype"])
+    pipe = build_pipeline(job["model"], job["files"], dev, job["dtype"], job["seed"], defaults=ours,
+                          weight_dtype=job.get("weight_dtype", "auto"))
     if ours and job.get("compile"):
         from headsup_core.perf import compile_unet
 
@@ -245,6 +216,7 @@ def worker(job: dict) -> dict:
     procs = getattr(pipe.model.unet, "attn_processors", {}) or {}
     res["attention"] = sorted({type(p).__name__ for p in procs.values()}) or ["?"]
     res["formats"] = {"unet": str(pipe.model.dtype).replace("torch.", ""),
+                      "unet_storage": str(pipe.model.unet.conv_in.weight.dtype).replace("torch.", ""),
                       "decoder": str(pipe.model.decoder_dtype).replace("torch.", ""),
                       "channels_last": pipe.model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)}
     res["build_s"] = time.perf_counter() - t
@@ -336,6 +308,8 @@ def worker(job: dict) -> dict:
             res["psnr_db"] = psnr(out, np.load(job["compare_to"]))
     if res["formats"]["decoder"] != res["dtype"]:
         res["dtype"] += f" (decoder {res['formats']['decoder'].replace('bfloat16', 'bf16')})"
+    if res["formats"]["unet_storage"] != res["formats"]["unet"]:
+        res["dtype"] += f" (UNet weights {res['formats']['unet_storage'].replace('float16', 'fp16')})"
     if job["path"] == "ref":
         res["tiles"] = "enc untiled, unet 96/32, dec untiled"
     elif job["path"] == "full":
@@ -414,6 +388,11 @@ def main(argv=None) -> int:
                     help="comma-separated dtypes for our path: auto (the pipeline's defaults: fp32 + measured "
                     "per-stage formats on CPU, fp16 on GPUs), fp32, fp16, bf16 (default auto); full and ref "
                     "always run fp32")
+    ap.add_argument("--weight-dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                    help="our path: dtype the UNet's weights are kept in (default auto; fp16 halves them on CPU)")
+    ap.add_argument("--files-dir", default=str(Path(tempfile.gettempdir()) / "headsup-bench-files"),
+                    help="where the sd21 single file is written once and reused (default: a folder in the "
+                    "system temp dir; ~1.9 GB)")
     ap.add_argument("--compile", action="store_true", help="our path with torch.compile on the UNet (off by default)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per configuration; the median is reported")
     ap.add_argument("--warmup", type=int, default=None,
@@ -451,12 +430,14 @@ def main(argv=None) -> int:
 
     results = []
     with tempfile.TemporaryDirectory(prefix="headsup-bench-") as tmp:
-        tiny_dir = None
         if args.model == "tiny":
             from headsup_core.tiny import make_tiny
 
             log("writing the tiny models")
-            tiny_dir = str(make_tiny(Path(tmp) / "tiny")["root"])
+            files = str(make_tiny(Path(tmp) / "tiny")["root"])
+        else:
+            log(f"the SD2.1-size fp16 single file (written once) in {args.files_dir}")
+            files = str(sd21_single_file(args.files_dir, args.seed).parent)
         order = [p for p in ("full", "ours", "ref") if p in paths]  # full first: the others compare to it
         jobs = [(size, path, dt) for size in sizes for path in order for dt in (dtypes if path == "ours" else ["fp32"])]
         for n, ((w, h), path, dt) in enumerate(jobs):
@@ -464,7 +445,7 @@ def main(argv=None) -> int:
             saved = str(Path(tmp) / f"full_{w}x{h}.npy")
             job = {"model": args.model, "path": path, "size": [w, h], "device": args.device, "dtype": dt,
                    "repeats": args.repeats, "warmup": warmup, "seed": args.seed, "tile_size": args.tile_size,
-                   "tiny_dir": tiny_dir, "mem_limit_gb": args.mem_limit_gb, "compile": args.compile and path == "ours",
+                   "files": files, "weight_dtype": args.weight_dtype, "mem_limit_gb": args.mem_limit_gb, "compile": args.compile and path == "ours",
                    "save_to": saved, "compare_to": saved}
             results.append(run_worker(job, args.threads))
             results[-1]["compile"] = job["compile"]

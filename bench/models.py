@@ -1,0 +1,80 @@
+"""The models the pipeline benchmark runs, built the way users load theirs: from single files on disk.
+
+``sd21``: the SD2.1-base architecture (the configs shipped in headsup_core) with seeded random weights, written
+once as an LDM-layout single file in fp16 (how SD2.x checkpoints are usually shared; ~1.9 GB, UNet + VAE, no
+text encoder) and read back through ``HeadsUpPipeline.from_files``, so loading, its dtypes and its peak memory
+are part of every row. No HeadsUp weights exist, so conv_in is widened with zeros and the text conditioning is a
+fixed random embedding (the file has no text encoder). ``tiny``: the ``make-tiny`` model.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+SD21_FILE = "sd21_random_seed{seed}_fp16.safetensors"
+EMBED_SEED_OFFSET = 7
+
+
+class _Quiet(logging.Filter):
+    """The two loud warnings a base without weights and without a text encoder gives are expected here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not ("No HeadsUp weights given" in msg or "no text conditioning" in msg)
+
+
+def sd21_single_file(folder: str | Path, seed: int = 0) -> Path:
+    """Write (once) the seeded random SD2.1-size base as an LDM single file in fp16; returns its path."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from headsup_core.loading.base import CONFIG_DIR
+    from headsup_core.tiny import unet_to_ldm, vae_to_ldm
+
+    path = Path(folder) / SD21_FILE.format(seed=seed)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    unet_cfg = json.loads((CONFIG_DIR / "sd2" / "unet" / "config.json").read_text())
+    vae_cfg = json.loads((CONFIG_DIR / "sd2" / "vae" / "config.json").read_text())
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(unet_cfg)
+    sd = {k: v.detach().half().contiguous() for k, v in unet_to_ldm(unet.state_dict(), dict(unet.config)).items()}
+    del unet
+    vae = AutoencoderKL.from_config(vae_cfg)
+    sd.update({k: v.detach().half().contiguous() for k, v in vae_to_ldm(vae.state_dict(), dict(vae.config)).items()})
+    del vae
+    tmp = path.with_suffix(".partial")
+    save_file(sd, str(tmp), metadata={"prediction_type": "epsilon", "note": "random weights, benchmark only"})
+    tmp.replace(path)
+    return path
+
+
+def build_pipeline(model: str, files: str, device, dtype_requested, seed: int, *, defaults: bool,
+                   weight_dtype: str = "auto"):
+    """Our pipeline as a user gets it (``defaults``: ``from_files`` with the measured per-stage formats), or the
+    fp32, contiguous, plain-diffusers model the ``full`` and ``ref`` paths run."""
+    import torch
+
+    from headsup_core.loading.build import build_model
+    from headsup_core.pipeline import HeadsUpPipeline
+
+    logging.getLogger("headsup").addFilter(_Quiet())
+    if model == "tiny":
+        base, weights = Path(files) / "base", Path(files) / "headsup.safetensors"
+    else:
+        base, weights = Path(files) / SD21_FILE.format(seed=seed), None
+    if defaults:
+        pipe = HeadsUpPipeline.from_files(base, weights, device=device, dtype=dtype_requested,
+                                          weight_dtype=weight_dtype)
+    else:
+        m, info = build_model(base, weights, device, "fp32", weight_dtype="fp32")
+        m.to(memory_format=torch.contiguous_format)
+        pipe = HeadsUpPipeline(m, info.pop("text_encoder_loader"), info)
+    if model == "sd21":
+        gen = torch.Generator().manual_seed(seed + EMBED_SEED_OFFSET)
+        embeds = torch.randn(1, 77, pipe.model.cross_attention_dim, generator=gen)
+        pipe.model.default_prompt_embeds = embeds.to(pipe.model.default_prompt_embeds.device)
+    return pipe
