@@ -25,8 +25,9 @@ ENV_FRACTION = "HEADSUP_MEMORY_FRACTION"
 DEFAULT_FRACTION = {"cpu": 0.5, "cuda": 0.8, "mps": 0.5}
 # Working set of one stage per pixel it computes, in multiples of the stage's first width (VAE: 128 channels at
 # full resolution, UNet: 320 channels at latent resolution). The exact tiled VAE parks every tile's current
-# activation, its normalised copy and the residual (STORE, measured ~4) on the CPU while the tiles run in lockstep, so on a
-# CPU a tiled VAE stage saves less than the tile size suggests, and small tiles can cost more than none.
+# activation and residual (STORE) while the tiles run in lockstep: on a CPU in RAM up to what the budget leaves
+# after the tile working set (memory.store_budget), the rest in a spill file (spill.py), so with a budget the
+# stage's RAM no longer grows with the image.
 # Calibrated on the SD2.1 VAE, fp32, CPU, 512² (peak RSS above the weights): untiled encoder 780 MB, decoder
 # 1371 MB; decoder in 2x2 exact tiles of 32 latents 1603 MB (the parked activations outweigh the smaller tile).
 ENCODER_CH, DECODER_CH, UNET_CH, STORE_CH = 6, 11, 20, 4
@@ -154,18 +155,56 @@ def stage_overhead(plan: TilePlan, latent_hw: tuple[int, int], stage: str) -> tu
     return len(reads), sum(a * b for a, b in reads) / (latent_hw[0] * latent_hw[1]) - 1.0
 
 
-def stage_bytes(model, plan: TilePlan, latent_hw: tuple[int, int], stage: str, device: torch.device) -> int:
-    """Estimated peak activation bytes of one stage under ``plan``."""
+def tile_bytes(model, plan: TilePlan, latent_hw: tuple[int, int], stage: str) -> int:
+    """Estimated working set of the stage's biggest tile (what one tile computes at a time)."""
     reads = stage_reads(plan, latent_hw, stage)
     biggest = max(a * b for a, b in reads)
     if stage == "unet":
-        return UNET_CH * _width(model.unet, 320) * biggest * _bytes(model, "dtype")
+        return int(UNET_CH * _width(model.unet, 320) * biggest * _bytes(model, "dtype"))
     s2 = getattr(model, "vae_scale", 8) ** 2
     vae_c, per = _width(getattr(model, "vae", None), 128), _bytes(model, f"{stage}_dtype")
-    need = (ENCODER_CH if stage == "encoder" else DECODER_CH) * vae_c * biggest * s2 * per
-    if len(reads) > 1 and plan.vae_mode == "exact" and torch.device(device).type == "cpu":
-        need += STORE_CH * vae_c * sum(a * b for a, b in reads) * s2 * per  # parked on the compute device
-    return int(need)
+    return int((ENCODER_CH if stage == "encoder" else DECODER_CH) * vae_c * biggest * s2 * per)
+
+
+def store_bytes(model, plan: TilePlan, latent_hw: tuple[int, int], stage: str, device: torch.device) -> int:
+    """Activations the exact tiled VAE parks between its lockstep steps, all tiles together, when they all stay
+    in RAM (0 for the UNet, an untiled stage, fast tiles, or a GPU, where they wait in CPU RAM instead)."""
+    if stage == "unet" or plan.vae_mode != "exact" or torch.device(device).type != "cpu":
+        return 0
+    reads = stage_reads(plan, latent_hw, stage)
+    if len(reads) == 1:
+        return 0
+    s2 = getattr(model, "vae_scale", 8) ** 2
+    vae_c, per = _width(getattr(model, "vae", None), 128), _bytes(model, f"{stage}_dtype")
+    return int(STORE_CH * vae_c * sum(a * b for a, b in reads) * s2 * per)
+
+
+def store_budget(model, plan: TilePlan, latent_hw: tuple[int, int], stage: str, budget: int) -> int:
+    """RAM the exact tiled VAE may park activations in (``run_exact``'s ``ram_budget``; the rest spills to
+    disk): the budget left after the image buffers and the stage's tile working set. The budget is a share of
+    the memory free once the weights are loaded (``budget_bytes``), so the weights are not counted again."""
+    return max(0, int(budget) - image_bytes(model, latent_hw) - tile_bytes(model, plan, latent_hw, stage))
+
+
+def vae_ram_budget(model, plan: TilePlan, latent_hw: tuple[int, int], stage: str, device: torch.device,
+                   fraction: float | None = None, budget_mb: float | None = None) -> int:
+    """``run_exact``'s ``ram_budget`` for a VAE stage on ``device``, from the same budget the plan comes from.
+    On a GPU the parked activations wait in CPU RAM: a share of the free RAM (``budget_mb`` is the GPU's)."""
+    if torch.device(device).type != "cpu":
+        return budget_bytes(torch.device("cpu"), fraction)
+    return store_budget(model, plan, latent_hw, stage, budget_bytes(device, fraction, budget_mb))
+
+
+def stage_bytes(model, plan: TilePlan, latent_hw: tuple[int, int], stage: str, device: torch.device,
+                budget: int | None = None) -> int:
+    """Estimated peak activation bytes of one stage under ``plan``: the tile working set, plus (exact VAE tiles
+    on a CPU) the parked activations, at most what ``budget`` leaves for them (``store_budget``; the rest
+    spills to disk, so with a budget the estimate no longer grows with the image); ``None``: unbounded."""
+    need = tile_bytes(model, plan, latent_hw, stage)
+    parked = store_bytes(model, plan, latent_hw, stage, device)
+    if budget is not None and parked:
+        parked = min(parked, store_budget(model, plan, latent_hw, stage, budget))
+    return int(need + parked)
 
 
 def image_bytes(model, latent_hw: tuple[int, int]) -> int:
@@ -173,9 +212,12 @@ def image_bytes(model, latent_hw: tuple[int, int]) -> int:
     return 4 * 3 * latent_hw[0] * latent_hw[1] * getattr(model, "vae_scale", 8) ** 2 * 4
 
 
-def estimate(model, plan: TilePlan, latent_hw: tuple[int, int], device: torch.device) -> dict:
-    """Bytes: weights, image buffers, each stage's activations, and the peak (weights + buffers + worst stage)."""
-    stages = {s: stage_bytes(model, plan, latent_hw, s, device) for s in STAGES}
+def estimate(model, plan: TilePlan, latent_hw: tuple[int, int], device: torch.device,
+             budget: int | None = None) -> dict:
+    """Bytes: weights, image buffers, each stage's activations, and the peak (weights + buffers + worst stage).
+    ``budget``: the memory budget the run gets (the exact VAE spills parked activations beyond what it leaves);
+    ``None``: everything stays in RAM."""
+    stages = {s: stage_bytes(model, plan, latent_hw, s, device, budget) for s in STAGES}
     out = {"weights": weights_bytes(model), "images": image_bytes(model, latent_hw), **stages}
     out["activations"] = out["images"] + max(stages.values())
     out["peak"] = out["weights"] + out["activations"]
@@ -192,13 +234,16 @@ def estimate_request(pipe, image, options=None) -> dict:
     opts = options or UpscaleOptions()
     h, w = image if isinstance(image, tuple) else to_batch(image).size
     out_hw = output_size(h, w, opts.scale)
-    return estimate(pipe.model, pipe.plan_for((h, w), opts), pipe.latent_size(out_hw), pipe.device)
+    budget = budget_bytes(pipe.device, opts.memory_fraction, opts.memory_budget_mb)
+    return estimate(pipe.model, pipe.plan_for((h, w), opts), pipe.latent_size(out_hw), pipe.device, budget)
 
 
 def plan_for_budget(model, latent_hw: tuple[int, int], budget: int, device: torch.device,
                     vae_mode: str = "exact") -> TilePlan:
     """The largest tile per stage whose working set fits ``budget`` bytes (the whole image when it fits); when
-    none fits, the tile with the smallest estimate (on a CPU that may be the whole image, see STORE_CH)."""
+    none fits, the tile with the smallest estimate. The exact VAE's parked activations count only up to what the
+    budget leaves after the tile (the rest spills to disk, see spill.py), so on a CPU an image too large to run
+    untiled is tiled rather than run whole."""
     full = max(latent_hw)
     room = budget - image_bytes(model, latent_hw)
     tiles, fits = {}, True
@@ -207,7 +252,7 @@ def plan_for_budget(model, latent_hw: tuple[int, int], budget: int, device: torc
         best = None
         top = min(full, UNET_MAX_TILE) if stage == "unet" else full
         for t in [top] + [c for c in CANDIDATE_TILES if c < top]:
-            need = stage_bytes(model, _with_tile(base, stage, t), latent_hw, stage, device)
+            need = stage_bytes(model, _with_tile(base, stage, t), latent_hw, stage, device, budget)
             if best is None or need < best[0]:
                 best = (need, t)
             if need <= room:

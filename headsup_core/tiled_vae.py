@@ -14,8 +14,10 @@ neighbours; only the core of each output is kept. Two choices go beyond the hook
 
 What remains inexact is the convolutions' receptive field beyond ``context``. The forward pass is expressed as a
 generator per tile that yields at each GroupNorm and at the attention, so the driver can pool across tiles.
-Peak compute memory is one tile's working set; all tiles' current activations are held on ``storage`` (CPU
-when computing on a GPU).
+Peak compute memory is one tile's working set. Between steps every tile's current activation and its parked
+residuals wait in a ``spill.SpillStore``: in RAM (CPU RAM when computing on a GPU) up to ``ram_budget`` bytes,
+beyond it in temporary files, so with a budget the RAM used is bounded by the tile size, not the image size (the
+generators hand their activations over and keep no reference to them).
 """
 from __future__ import annotations
 
@@ -35,49 +37,55 @@ def supports_exact(vae) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ lockstep forward
-def _resnet(block, x, park):
-    res = block.conv_shortcut(x) if block.conv_shortcut is not None else x
-    res = park(res)
-    h = yield ("norm", block.norm1, x)
+# A tile's activation travels in a one-element list, its "hand", and no frame keeps another reference to it: the
+# blocks pop it, compute, and put their result back. At a GroupNorm / the attention the generator yields
+# ``(kind, module, hand)``; the driver pops the tensor, parks it, and later puts the normalised tensor (or the
+# attention's output) back into the hand before resuming the generator. Residuals go to ``park(t)``, which
+# returns a slot of the driver's store (RAM or a spill file, see spill.py); ``slot.take()`` gives them back.
+def _resnet(block, hand, park):
+    x = hand[0]
+    res = park(block.conv_shortcut(x) if block.conv_shortcut is not None else x)
     del x
-    h = block.conv1(block.nonlinearity(h))
-    h = yield ("norm", block.norm2, h)
-    h = block.conv2(block.dropout(block.nonlinearity(h)))
-    return (res.to(h.device, h.dtype) + h) / block.output_scale_factor
+    yield ("norm", block.norm1, hand)
+    hand.append(block.conv1(block.nonlinearity(hand.pop())))
+    yield ("norm", block.norm2, hand)
+    h = block.conv2(block.dropout(block.nonlinearity(hand.pop())))
+    hand.append((res.take().to(h.device, h.dtype) + h) / block.output_scale_factor)
 
 
-def _attention(attn, x, park):
-    res = park(x)
-    h = yield ("norm", attn.group_norm, x)
-    del x
-    out = yield ("attn", attn, h)
+def _attention(attn, hand, park):
+    res = park(hand[0])
+    yield ("norm", attn.group_norm, hand)
+    yield ("attn", attn, hand)  # the hand holds the normalised tensor: the driver takes it and returns the output
+    out = hand.pop()
+    res = res.take()
     if attn.residual_connection:
         out = out + res.to(out.device, out.dtype)
-    return out / attn.rescale_output_factor
+    del res
+    hand.append(out / attn.rescale_output_factor)
 
 
-def _mid(mid, h, park):
-    h = yield from _resnet(mid.resnets[0], h, park)
+def _mid(mid, hand, park):
+    yield from _resnet(mid.resnets[0], hand, park)
     for attn, resnet in zip(mid.attentions, mid.resnets[1:]):
         if attn is not None:
-            h = yield from _attention(attn, h, park)
-        h = yield from _resnet(resnet, h, park)
-    return h
+            yield from _attention(attn, hand, park)
+        yield from _resnet(resnet, hand, park)
 
 
 def encoder_forward(vae, x, park):
     """``vae.encoder`` + ``quant_conv`` on one tile (image in [-1, 1]) -> posterior moments."""
     enc = vae.encoder
-    h = enc.conv_in(x)
+    hand = [enc.conv_in(x)]
     del x
     for block in enc.down_blocks:
         for resnet in block.resnets:
-            h = yield from _resnet(resnet, h, park)
+            yield from _resnet(resnet, hand, park)
         for down in block.downsamplers or []:
-            h = down(h)
-    h = yield from _mid(enc.mid_block, h, park)
-    h = yield ("norm", enc.conv_norm_out, h)
-    h = enc.conv_out(enc.conv_act(h))
+            hand.append(down(hand.pop()))
+    yield from _mid(enc.mid_block, hand, park)
+    yield ("norm", enc.conv_norm_out, hand)
+    h = enc.conv_out(enc.conv_act(hand.pop()))
     return vae.quant_conv(h) if getattr(vae, "quant_conv", None) is not None else h
 
 
@@ -86,17 +94,17 @@ def decoder_forward(vae, z, park):
     dec = vae.decoder
     if getattr(vae, "post_quant_conv", None) is not None:
         z = vae.post_quant_conv(z)
-    h = dec.conv_in(z)
+    hand = [dec.conv_in(z)]
     del z
-    h = yield from _mid(dec.mid_block, h, park)
-    h = h.to(next(iter(dec.up_blocks.parameters())).dtype)
+    yield from _mid(dec.mid_block, hand, park)
+    hand.append(hand.pop().to(next(iter(dec.up_blocks.parameters())).dtype))
     for block in dec.up_blocks:
         for resnet in block.resnets:
-            h = yield from _resnet(resnet, h, park)
+            yield from _resnet(resnet, hand, park)
         for up in block.upsamplers or []:
-            h = up(h)
-    h = yield ("norm", dec.conv_norm_out, h)
-    return dec.conv_out(dec.conv_act(h))
+            hand.append(up(hand.pop()))
+    yield ("norm", dec.conv_norm_out, hand)
+    return dec.conv_out(dec.conv_act(hand.pop()))
 
 
 # ------------------------------------------------------------------------------------------ tiles
@@ -119,18 +127,18 @@ class _Tile:
         return slice(y0, y1), slice(x0, x1)
 
 
-def _pooled_group_norm(norm: torch.nn.GroupNorm, acts: list[torch.Tensor], tiles: list[_Tile], device):
-    g = norm.num_groups
-    counts, means, vars_ = [], [], []
-    for act, tile in zip(acts, tiles):
-        ys, xs = tile.core_in(act)
-        core = act[..., ys, xs].to(device).float()
-        grouped = core.reshape(core.shape[0], g, -1)
-        counts.append(grouped.shape[-1])
-        means.append(grouped.mean(-1))
-        vars_.append(grouped.var(-1, unbiased=False))
-    n = torch.tensor(counts, dtype=torch.float32, device=device).reshape(-1, 1, 1)
-    m, v = torch.stack(means), torch.stack(vars_)
+def _core_stats(norm: torch.nn.GroupNorm, act: torch.Tensor, tile: _Tile, device):
+    """(count, per-group mean, per-group variance) of the tile's core."""
+    ys, xs = tile.core_in(act)
+    core = act[..., ys, xs].to(device).float()
+    grouped = core.reshape(core.shape[0], norm.num_groups, -1)
+    return grouped.shape[-1], grouped.mean(-1), grouped.var(-1, unbiased=False)
+
+
+def _pool(stats: list, device):
+    """Whole-image mean and variance per group from the cores' (Chan's parallel formula)."""
+    n = torch.tensor([s[0] for s in stats], dtype=torch.float32, device=device).reshape(-1, 1, 1)
+    m, v = torch.stack([s[1] for s in stats]), torch.stack([s[2] for s in stats])
     mean = (n * m).sum(0) / n.sum()
     var = (n * (v + (m - mean) ** 2)).sum(0) / n.sum()
     return mean, var
@@ -151,108 +159,175 @@ def _heads(attn, t):
     return t.view(b, n, attn.heads, inner // attn.heads).transpose(1, 2)
 
 
-def _global_attention(attn, acts: list[torch.Tensor], tiles: list[_Tile], shape_hw, device) -> list[torch.Tensor]:
-    """Attention of each tile's queries over keys/values from all cores (the untiled VAE's global attention)."""
-    c = acts[0].shape[1]
-    f = acts[0].shape[-2] / (tiles[0].read[1] - tiles[0].read[0])
-    full = torch.zeros(1, c, round(shape_hw[0] * f), round(shape_hw[1] * f), device=device, dtype=acts[0].dtype)
-    for act, tile in zip(acts, tiles):
-        ys, xs = tile.core_in(act)
-        y0, x0 = round(tile.core[0] * f), round(tile.core[2] * f)
-        core = act[..., ys, xs]
-        full[..., y0:y0 + core.shape[-2], x0:x0 + core.shape[-1]] = core.to(device)
+def _add_core(full: torch.Tensor | None, act: torch.Tensor, tile: _Tile, shape_hw, device) -> torch.Tensor:
+    """Copy the tile's core into the whole-image tensor (allocated at the first tile) the keys/values come from."""
+    f = act.shape[-2] / (tile.read[1] - tile.read[0])
+    if full is None:
+        full = torch.zeros(1, act.shape[1], round(shape_hw[0] * f), round(shape_hw[1] * f), device=device,
+                           dtype=act.dtype)
+    ys, xs = tile.core_in(act)
+    y0, x0 = round(tile.core[0] * f), round(tile.core[2] * f)
+    core = act[..., ys, xs]
+    full[..., y0:y0 + core.shape[-2], x0:x0 + core.shape[-1]] = core.to(device)
+    return full
+
+
+def _keys_values(attn, full: torch.Tensor):
     tokens = full.flatten(2).transpose(1, 2)
-    del full
-    k, v = _heads(attn, attn.to_k(tokens)), _heads(attn, attn.to_v(tokens))
-    del tokens
-    outs = []
-    for act in acts:
-        b, _, h, w = act.shape
-        q_tokens = act.to(device).flatten(2).transpose(1, 2)
-        chunks = []
-        for s in range(0, q_tokens.shape[1], QUERY_CHUNK):
-            q = _heads(attn, attn.to_q(q_tokens[:, s:s + QUERY_CHUNK]))
-            o = F.scaled_dot_product_attention(q, k, v)
-            chunks.append(o.transpose(1, 2).reshape(b, -1, attn.heads * o.shape[-1]))
-        o = attn.to_out[1](attn.to_out[0](torch.cat(chunks, 1).to(q_tokens.dtype)))
-        outs.append(o.transpose(1, 2).reshape(b, c, h, w))
-    return outs
+    return _heads(attn, attn.to_k(tokens)), _heads(attn, attn.to_v(tokens))
+
+
+def _attend(attn, act: torch.Tensor, kv) -> torch.Tensor:
+    """One tile's attention: its queries over ``kv`` (keys/values from all cores: the untiled VAE's global
+    attention), or over its own tokens when ``kv`` is None."""
+    b, c, h, w = act.shape
+    q_tokens = act.flatten(2).transpose(1, 2)
+    if kv is None:
+        k, v = _heads(attn, attn.to_k(q_tokens)), _heads(attn, attn.to_v(q_tokens))
+        o = F.scaled_dot_product_attention(_heads(attn, attn.to_q(q_tokens)), k, v)
+        o = attn.to_out[1](attn.to_out[0](o.transpose(1, 2).reshape(b, -1, c)))
+        return o.transpose(1, 2).reshape(b, c, h, w)
+    k, v = kv
+    chunks = []
+    for s in range(0, q_tokens.shape[1], QUERY_CHUNK):
+        q = _heads(attn, attn.to_q(q_tokens[:, s:s + QUERY_CHUNK]))
+        o = F.scaled_dot_product_attention(q, k, v)
+        chunks.append(o.transpose(1, 2).reshape(b, -1, attn.heads * o.shape[-1]))
+    o = attn.to_out[1](attn.to_out[0](torch.cat(chunks, 1).to(q_tokens.dtype)))
+    return o.transpose(1, 2).reshape(b, c, h, w)
+
+
+class _Step:
+    """What the tiles handed over for one lockstep step: the request, and what pooling needs from each core
+    (gathered as each tile arrives, so a parked activation is read back once, when it is normalised)."""
+
+    def __init__(self):
+        self.request = None
+        self.arrived = self.finished = 0
+        self.stats: list = []
+        self.full: torch.Tensor | None = None
+
+    def add(self, kind, module, act, tile, shape_hw, device, global_attention):
+        if self.request is None:
+            self.request = (kind, module)
+        elif self.request[0] != kind or self.request[1] is not module:
+            raise RuntimeError("tiles of the lockstep VAE forward went out of step")
+        self.arrived += 1
+        if kind == "norm":
+            self.stats.append(_core_stats(module, act, tile, device))
+        elif global_attention:
+            self.full = _add_core(self.full, act, tile, shape_hw, device)
+
+
+def _parked_hint(vae, stage, tiles: list[_Tile], scale: int) -> int | None:
+    """About what the stage parks in all (memory.py's STORE_CH), for the disk-full message."""
+    from .memory import STORE_CH
+
+    try:
+        width = int(vae.config.block_out_channels[0])
+        size = next(stage.parameters()).element_size()
+    except (AttributeError, TypeError, IndexError, StopIteration):
+        return None
+    area = sum((t.read[1] - t.read[0]) * (t.read[3] - t.read[2]) for t in tiles) * scale * scale
+    return STORE_CH * width * area * size
 
 
 @torch.no_grad()
 def run_exact(forward: Callable, vae, x: torch.Tensor, *, tile: int, context: int, in_factor: int, out_factor: int,
               compute_device: torch.device, out_device: torch.device | None = None,
-              progress: Callable[[], None] | None = None, global_attention: bool = True) -> torch.Tensor:
+              progress: Callable[[], None] | None = None, global_attention: bool = True,
+              ram_budget: int | None = None) -> torch.Tensor:
     """Run ``forward(vae, tile_input, park)`` (``encoder_forward`` / ``decoder_forward``) over ``x`` (1xCxHxW,
     H and W multiples of ``in_factor``) in tiles of at most ``tile`` latent units, with pooled GroupNorm
-    statistics; returns the assembled output on ``out_device``."""
+    statistics; returns the assembled output on ``out_device``.
+
+    Between steps each tile's activation and residuals are parked in a ``SpillStore``: in RAM (CPU RAM when
+    computing on a GPU) up to ``ram_budget`` bytes, beyond it in temporary files (``None``: all in RAM). Within
+    a step the tiles run one at a time: take the tile's activation, normalise it with the pooled statistics (or
+    attend), run the tile to its next GroupNorm, gather its core's statistics and park the new activation. The
+    result does not depend on the budget (parked tensors come back bit for bit). Every spill file is removed when
+    the stage ends, also on an exception or interrupt."""
+    from .spill import SpillStore
+
     out_device = out_device or x.device
-    storage = torch.device("cpu") if torch.device(compute_device).type != "cpu" else torch.device(compute_device)
+    compute_device = torch.device(compute_device)
+    storage = torch.device("cpu") if compute_device.type != "cpu" else compute_device
     h, w = x.shape[-2] // in_factor, x.shape[-1] // in_factor
     tiles = [_Tile(cy, cx, h, w, context) for cy in partition(h, tile) for cx in partition(w, tile)]
-
-    def park(t):
-        return t.to(storage) if t.device != storage else t
-
-    gens, acts = [], []
-    for t in tiles:
-        y0, y1, x0, x1 = t.read
-        gens.append(forward(vae, x[..., y0 * in_factor:y1 * in_factor, x0 * in_factor:x1 * in_factor]
-                            .to(compute_device), park))
-    sends: list = [None] * len(tiles)
-    outputs: list = [None] * len(tiles)
+    n = len(tiles)
     # The tiles finish together, so spread the per-tile progress ticks (also interrupt points) over the lockstep
     # steps: about one step per GroupNorm / attention of the stage; any ticks left are given at the end.
     stage = getattr(vae, "encoder" if out_factor == 1 else "decoder", vae)
     expected_steps = max(1, sum(isinstance(m, torch.nn.GroupNorm) or type(m).__name__ == "Attention"
                                 for m in stage.modules()))
-    step, ticks = 0, 0
-    while True:
-        requests = []
-        for i, gen in enumerate(gens):
-            try:
-                req = gen.send(sends[i])
-            except StopIteration as stop:
-                outputs[i] = stop.value
-                req = None
-            if req is not None:
-                requests.append((i, req))
-                sends[i] = None
-        if not requests:
-            break
-        if len(requests) != len(tiles):
-            raise RuntimeError("tiles of the lockstep VAE forward went out of step")
-        kind, module = requests[0][1][0], requests[0][1][1]
-        acts = [park(req[2]) for _, req in requests]
-        if kind == "norm":
-            mean, var = _pooled_group_norm(module, acts, tiles, compute_device)
-            for (i, _), act in zip(requests, acts):
-                sends[i] = _apply_norm(module, act.to(compute_device), mean, var)
-        elif global_attention:
-            for (i, _), out in zip(requests, _global_attention(module, acts, tiles, (h, w), compute_device)):
-                sends[i] = out
-        else:
-            for (i, _), act in zip(requests, acts):
-                a = act.to(compute_device)
-                b, c, hh, ww = a.shape
-                tok = a.flatten(2).transpose(1, 2)
-                o = F.scaled_dot_product_attention(_heads(module, module.to_q(tok)), _heads(module, module.to_k(tok)),
-                                                   _heads(module, module.to_v(tok)))
-                o = module.to_out[1](module.to_out[0](o.transpose(1, 2).reshape(b, -1, c)))
-                sends[i] = o.transpose(1, 2).reshape(b, c, hh, ww)
-        del acts
-        step += 1
-        while progress and ticks < len(tiles) - 1 and step * len(tiles) >= (ticks + 1) * expected_steps:
-            ticks += 1
-            progress()
-    result = None
-    for t, out in zip(tiles, outputs):
-        if result is None:
-            result = torch.zeros(1, out.shape[1], h * out_factor, w * out_factor, device=out_device)
+    store = SpillStore(ram_budget, storage, expected_bytes=_parked_hint(vae, stage, tiles, max(in_factor, out_factor)))
+    gens: list = [None] * n
+    hands: list = [None] * n
+    slots: list = [None] * n
+    result: list = [None]
+
+    def place(i, out):
+        if result[0] is None:
+            result[0] = torch.zeros(1, out.shape[1], h * out_factor, w * out_factor, device=out_device)
+        t = tiles[i]
         ys, xs = t.core_in(out)
         y0, x0 = t.core[0] * out_factor, t.core[2] * out_factor
         core = out[..., ys, xs]
-        result[..., y0:y0 + core.shape[-2], x0:x0 + core.shape[-1]] = core.float().to(out_device)
-    for _ in range(len(tiles) - ticks if progress else 0):
+        result[0][..., y0:y0 + core.shape[-2], x0:x0 + core.shape[-1]] = core.float().to(out_device)
+
+    def advance(i, gathered: _Step):
+        """Run tile ``i`` to its next yield (or its end); gather and park what it hands over."""
+        try:
+            kind, module, hand = gens[i].send(None)
+        except StopIteration as stop:
+            gens[i] = None
+            gathered.finished += 1
+            place(i, stop.value)
+            return
+        act = hand.pop()
+        hands[i] = hand
+        gathered.add(kind, module, act, tiles[i], (h, w), compute_device, global_attention)
+        slots[i] = store.put(act)
+
+    try:
+        current = _Step()
+        for i, t in enumerate(tiles):
+            y0, y1, x0, x1 = t.read
+            gens[i] = forward(vae, x[..., y0 * in_factor:y1 * in_factor, x0 * in_factor:x1 * in_factor]
+                              .to(compute_device), store.put)
+            advance(i, current)
+        step, ticks = 0, 0
+        while current.finished < n:
+            if current.finished or current.arrived != n:
+                raise RuntimeError("tiles of the lockstep VAE forward went out of step")
+            kind, module = current.request
+            following = _Step()
+            if kind == "norm":
+                mean, var = _pool(current.stats, compute_device)
+                for i in range(n):
+                    slot, slots[i] = slots[i], None
+                    hands[i].append(_apply_norm(module, slot.take().to(compute_device), mean, var))
+                    del slot
+                    advance(i, following)
+            else:
+                kv = _keys_values(module, current.full) if global_attention else None
+                current.full = None
+                for i in range(n):
+                    slot, slots[i] = slots[i], None
+                    hands[i].append(_attend(module, slot.take().to(compute_device), kv))
+                    del slot
+                    advance(i, following)
+                del kv
+            current = following
+            step += 1
+            while progress and ticks < n - 1 and step * n >= (ticks + 1) * expected_steps:
+                ticks += 1
+                progress()
+    finally:
+        for gen in gens:
+            if gen is not None:
+                gen.close()
+        store.close()
+    for _ in range(n - ticks if progress else 0):
         progress()
-    return result
+    return result[0]
