@@ -73,7 +73,9 @@ def untiled_plan():
 def pipe_options(job: dict, untiled):
     from headsup_core.options import UpscaleOptions
 
-    return UpscaleOptions(scale=SCALE, tile_size=job["tile_size"] if job["path"] == "ours" else untiled)
+    ours = job["path"] == "ours"
+    return UpscaleOptions(scale=SCALE, tile_size=job["tile_size"] if ours else untiled,
+                          memory_budget_mb=job.get("memory_budget_mb") if ours else None)
 
 
 def psnr(a, b) -> float:
@@ -255,8 +257,7 @@ def worker(job: dict) -> dict:
         devices.synchronize(dev)
         t0, c0 = time.perf_counter(), time.process_time()
         if job["path"] in ("ours", "full"):
-            tiles = job["tile_size"] if ours else untiled
-            out, info = pipe.upscale(lq.permute(0, 2, 3, 1), scale=SCALE, tile_size=tiles, progress=progress,
+            out, info = pipe.upscale(lq.permute(0, 2, 3, 1), options=pipe_options(job, untiled), progress=progress,
                                      return_info=True)
             timing = dict(info["timings"][0])
             timing["plan"] = info["tile_plan"].describe()
@@ -390,6 +391,9 @@ def main(argv=None) -> int:
                     "always run fp32")
     ap.add_argument("--weight-dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                     help="our path: dtype the UNet's weights are kept in (default auto; fp16 halves them on CPU)")
+    ap.add_argument("--memory-budget-mb", type=float, default=None,
+                    help="our path: the memory budget for the work on top of the loaded model (default: the "
+                    "pipeline's, a fraction of free memory); the exact tiled VAE spills beyond it")
     ap.add_argument("--files-dir", default=str(Path(tempfile.gettempdir()) / "headsup-bench-files"),
                     help="where the sd21 single file is written once and reused (default: a folder in the "
                     "system temp dir; ~1.9 GB)")
@@ -445,7 +449,8 @@ def main(argv=None) -> int:
             saved = str(Path(tmp) / f"full_{w}x{h}.npy")
             job = {"model": args.model, "path": path, "size": [w, h], "device": args.device, "dtype": dt,
                    "repeats": args.repeats, "warmup": warmup, "seed": args.seed, "tile_size": args.tile_size,
-                   "files": files, "weight_dtype": args.weight_dtype, "mem_limit_gb": args.mem_limit_gb, "compile": args.compile and path == "ours",
+                   "files": files, "weight_dtype": args.weight_dtype,
+                   "memory_budget_mb": args.memory_budget_mb, "mem_limit_gb": args.mem_limit_gb, "compile": args.compile and path == "ours",
                    "save_to": saved, "compare_to": saved}
             results.append(run_worker(job, args.threads))
             results[-1]["compile"] = job["compile"]
