@@ -29,8 +29,9 @@ DEFAULT_FRACTION = {"cpu": 0.5, "cuda": 0.8, "mps": 0.5}
 # after the tile working set (memory.store_budget), the rest in a spill file (spill.py), so with a budget the
 # stage's RAM no longer grows with the image.
 # Calibrated on the SD2.1 VAE, fp32, CPU, 512² (peak RSS above the weights): untiled encoder 780 MB, decoder
-# 1371 MB; decoder in 2x2 exact tiles of 32 latents 1603 MB (the parked activations outweigh the smaller tile).
-ENCODER_CH, DECODER_CH, UNET_CH, STORE_CH = 6, 11, 20, 4
+# 1371 MB. STORE: the store's peak measured at 1024² in 2x2 exact tiles of 64 latents (bench/vae_memory.py) is
+# 1.8 (fp32 encoder) and 2.9 (bf16 decoder: 256 channels at full resolution before its last up block's shortcut).
+ENCODER_CH, DECODER_CH, UNET_CH, STORE_CH = 6, 11, 20, 3
 CANDIDATE_TILES = (256, 192, 160, 128, 112, 96, 80, 64, 48, 32, 16)
 # The UNet's self-attention is quadratic in the tile's tokens and SD2.1-base was trained on 64-latent crops
 # (OSEDiff tiles at 96): its tile stays at most this many latents (1024 px) even when memory allows more.

@@ -145,12 +145,17 @@ def _pool(stats: list, device):
 
 
 def _apply_norm(norm, x, mean, var):
+    """GroupNorm of ``x`` with given statistics, in fp32; in place on one fp32 copy (the same operations as
+    ``(x - mean) * rsqrt(var + eps) * weight + bias``, so the same bits, with fewer full-size temporaries)."""
     b, c = x.shape[:2]
     g = x.float().reshape(b, norm.num_groups, -1)
-    y = ((g - mean[..., None]) * torch.rsqrt(var[..., None] + norm.eps)).reshape(x.shape)
+    if g.data_ptr() == x.data_ptr():  # fp32 and contiguous: a view of x, which must stay as it is
+        g = g.clone()
+    g.sub_(mean[..., None]).mul_(torch.rsqrt(var[..., None] + norm.eps))
+    y = g.reshape(x.shape)
     if norm.affine:
         shape = (1, c) + (1,) * (x.ndim - 2)
-        y = y * norm.weight.float().reshape(shape) + norm.bias.float().reshape(shape)
+        y.mul_(norm.weight.float().reshape(shape)).add_(norm.bias.float().reshape(shape))
     return y.to(x.dtype)
 
 
