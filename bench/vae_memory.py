@@ -5,8 +5,9 @@
 Each configuration runs in a fresh subprocess (so each peak is its own): the full-size SD2.1 VAE
 (headsup_core/configs/sd2/vae/config.json, random weights via diffusers ``AutoencoderKL.from_config``) in the
 pipeline's CPU formats (channels_last; polyphase decoder upsamplers; bf16 decoder on CPUs with native bf16, else
-fp32; fp32 encoder; see headsup_core/perf.py), one stage through ``tiled_vae.run_exact`` with the TilePlan contexts. ``--budget-mb none``
-keeps every parked activation in RAM (the behaviour before spilling); a number is run_exact's ``ram_budget``.
+fp32; fp32 encoder; see headsup_core/perf.py), one stage through ``tiled_vae.run_exact`` with the TilePlan
+contexts. ``--budget-mb none`` keeps every parked activation in RAM (the behaviour before spilling); a number is
+run_exact's ``ram_budget``.
 Prints one JSON line per configuration: seconds, peak RSS of the process (ru_maxrss), RSS before the stage
 (Python + torch + weights), what spilled to disk, and memory.py's estimate of the stage (unbounded and bounded).
 """
