@@ -102,6 +102,8 @@ def run_one(stage: str, side: int, tile: int, budget_mb: float | None, formats: 
     m.vae, m.vae_scale, m.dtype, m.unet = vae, 8, torch.float32, None
     m.encoder_dtype, m.decoder_dtype = dtypes["encoder"], dtypes["decoder"]
     est = memory.stage_bytes(m, plan, (lat, lat), stage, cpu)
+    parked = memory.store_bytes(m, plan, (lat, lat), stage, cpu)
+    bounded = memory.tile_bytes(m, plan, (lat, lat), stage) + (parked if budget is None else min(parked, budget))
     store = stores[-1] if stores else None
     return {"stage": stage, "side": side, "tile": tile, "dtype": str(dtype).replace("torch.", ""),
             "budget_mb": budget_mb, "seconds": round(seconds, 1), "peak_rss_mb": round(peak / MB),
@@ -109,7 +111,8 @@ def run_one(stage: str, side: int, tile: int, budget_mb: float | None, formats: 
             "parked_ram_peak_mb": round(store.peak_ram_bytes / MB) if store else None,
             "spilled_mb": round(store.spilled_bytes / MB) if store else None,
             "spill_disk_peak_mb": round(store.peak_disk_bytes / MB) if store else None,
-            "estimate_stage_mb": round(est / MB), "threads": torch.get_num_threads()}
+            "estimate_stage_mb": round(est / MB), "estimate_with_budget_mb": round(bounded / MB),
+            "threads": torch.get_num_threads()}
 
 
 def main(argv=None) -> int:
