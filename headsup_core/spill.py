@@ -8,7 +8,8 @@ page cache is the OS's business). ``ram_budget=None`` keeps everything in RAM.
 
 Files live in one ``tempfile.TemporaryDirectory`` (``tempfile``'s default place, or env ``HEADSUP_SPILL_DIR``),
 created at the first spill; each file is removed when its slot is taken, and ``close()`` (or leaving the ``with``
-block, also on an exception or interrupt) removes the directory.
+block, also on an exception or interrupt) removes the directory. A process killed outright (SIGKILL, or SIGTERM
+with Python's default handler) runs no cleanup and leaves its ``headsup-spill-*`` directory behind.
 """
 from __future__ import annotations
 
