@@ -72,15 +72,17 @@ def storage_dtypes(device: torch.device, compute: dict[str, torch.dtype], weight
 def apply_storage(module: torch.nn.Module, storage: torch.dtype, compute: torch.dtype) -> None:
     """Keep ``module``'s Conv/Linear weights in ``storage`` and cast each layer to ``compute`` for its own forward
     (diffusers' layerwise casting, one hook per layer); every other parameter (norms: small) and, when storage
-    equals compute, every parameter is brought to ``compute``. Records the compute dtype on the module
-    (``model.compute_dtype_of``). Where diffusers lacks layerwise casting, the weights stay in ``compute``."""
-    module._headsup_compute_dtype = compute
+    equals compute, every parameter is brought to ``compute``. With narrower storage the compute dtype is recorded
+    on the module (``model.compute_dtype_of``), else the parameters' dtype says it (and follows ``.to``). Where diffusers lacks layerwise casting, the weights stay in ``compute``."""
+    module.__dict__.pop("_headsup_compute_dtype", None)
     if storage != compute:
+        module._headsup_compute_dtype = compute  # params say storage; inputs must be cast to compute
         try:
             from diffusers.hooks import apply_layerwise_casting
         except ImportError:
             log.warning("HeadsUp: this diffusers has no layerwise casting (needs >= 0.33); weights stay in %s.",
                         str(compute).replace("torch.", ""))
+            del module._headsup_compute_dtype
         else:
             apply_layerwise_casting(module, storage_dtype=storage, compute_dtype=compute, skip_modules_pattern=None,
                                     skip_modules_classes=(torch.nn.GroupNorm, torch.nn.LayerNorm))
