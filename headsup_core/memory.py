@@ -31,7 +31,10 @@ DEFAULT_FRACTION = {"cpu": 0.5, "cuda": 0.8, "mps": 0.5}
 # Calibrated on the SD2.1 VAE, fp32, CPU, 512² (peak RSS above the weights): untiled encoder 780 MB, decoder
 # 1371 MB. STORE: the store's peak measured at 1024² in 2x2 exact tiles of 64 latents (bench/vae_memory.py) is
 # 1.8 (fp32 encoder) and 2.9 (bf16 decoder: 256 channels at full resolution before its last up block's shortcut).
-ENCODER_CH, DECODER_CH, UNET_CH, STORE_CH = 6, 11, 20, 3
+# UNET: the SD2.1-size UNet in fp32 at a 128² latent tile raised the process peak by ~1.45 GB (bench/pipeline.py,
+# fp16-stored weights, 1024² output): ~70 x 320 channels x 4 bytes per latent (the feed-forward's 4x-wide GEGLU
+# and the attention's projections dominate); the earlier 20 under-counted it ~3.5x.
+ENCODER_CH, DECODER_CH, UNET_CH, STORE_CH = 6, 11, 70, 3
 CANDIDATE_TILES = (256, 192, 160, 128, 112, 96, 80, 64, 48, 32, 16)
 # The UNet's self-attention is quadratic in the tile's tokens and SD2.1-base was trained on 64-latent crops
 # (OSEDiff tiles at 96): its tile stays at most this many latents (1024 px) even when memory allows more.
