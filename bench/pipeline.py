@@ -219,6 +219,7 @@ def worker(job: dict) -> dict:
     res["attention"] = sorted({type(p).__name__ for p in procs.values()}) or ["?"]
     res["formats"] = {"unet": str(pipe.model.dtype).replace("torch.", ""),
                       "unet_storage": str(pipe.model.unet.conv_in.weight.dtype).replace("torch.", ""),
+                      "encoder": str(pipe.model.encoder_dtype).replace("torch.", ""),
                       "decoder": str(pipe.model.decoder_dtype).replace("torch.", ""),
                       "channels_last": pipe.model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)}
     res["build_s"] = time.perf_counter() - t
@@ -307,8 +308,10 @@ def worker(job: dict) -> dict:
             np.save(job["save_to"], out)
         elif job.get("compare_to") and Path(job["compare_to"]).exists():
             res["psnr_db"] = psnr(out, np.load(job["compare_to"]))
-    if res["formats"]["decoder"] != res["dtype"]:
-        res["dtype"] += f" (decoder {res['formats']['decoder'].replace('bfloat16', 'bf16')})"
+    other = [f"{s} {res['formats'][s].replace('bfloat16', 'bf16')}" for s in ("encoder", "decoder")
+             if res["formats"][s] != res["dtype"]]
+    if other:
+        res["dtype"] += f" ({', '.join(other)})"
     if res["formats"]["unet_storage"] != res["formats"]["unet"]:
         res["dtype"] += f" (UNet weights {res['formats']['unet_storage'].replace('float16', 'fp16')})"
     if job["path"] == "ref":

@@ -92,7 +92,7 @@ def cmd_upscale(args) -> int:
     weights = args.weights or find_weights(root)
     options = UpscaleOptions(scale=scale, prompt=args.prompt, tile_size=args.tile_size, color_fix=args.color_fix,
                              seed=args.seed, strength=args.strength, vae_tiling=args.vae_tiling,
-                             memory_fraction=args.memory_fraction)
+                             memory_fraction=args.memory_fraction, memory_budget_mb=args.memory_budget_mb)
     pipe = HeadsUpPipeline.from_files(base, weights, device=args.device, dtype=args.dtype,
                                       sample_latent=args.sample_latent, weight_dtype=args.weight_dtype)
     analyzer = _load_face_analyzer(args, root)
@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--face-pack", help="insightface pack name, e.g. antelopev2 or buffalo_l (default: auto)")
     up.add_argument("--tile-size", type=int, help="tile edge in output pixels for every stage (default: from the "
                     "memory budget; a stage that fits runs untiled); halved and retried on out-of-memory")
+    up.add_argument("--memory-budget-mb", type=float, default=None,
+                    help="memory budget in MB for the work on top of the loaded model, instead of a fraction of "
+                    "free memory; tiles follow it and the exact tiled VAE spills to a temporary file beyond it")
     up.add_argument("--memory-fraction", type=float, default=None,
                     help="share of the free RAM (CPU) or VRAM (GPU) the tiles may use (default: "
                     "$HEADSUP_MEMORY_FRACTION, else 0.5 on CPU, 0.8 on GPU)")

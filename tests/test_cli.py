@@ -131,3 +131,29 @@ def test_download_is_opt_in_and_fails_clearly_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(MissingModelError, match="offline"):
         download_base(tmp_path)
+
+
+def test_memory_budget_and_weight_dtype_reach_the_pipeline(tmp_path, tiny_models, monkeypatch):
+    from headsup_core import memory
+    from headsup_core.pipeline import HeadsUpPipeline
+
+    seen = {}
+    real_from_files, real_retry = HeadsUpPipeline.from_files.__func__, memory.upscale_with_retry
+
+    def from_files(cls, *a, **k):
+        seen["weight_dtype"] = k.get("weight_dtype")
+        return real_from_files(cls, *a, **k)
+
+    def retry(pipe, image, *, options=None, **k):
+        seen["budget"] = options.memory_budget_mb
+        return real_retry(pipe, image, options=options, **k)
+
+    monkeypatch.setattr(HeadsUpPipeline, "from_files", classmethod(from_files))
+    monkeypatch.setattr(memory, "upscale_with_retry", retry)
+    Image.new("RGB", (12, 10)).save(tmp_path / "a.png")
+    argv = ["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--scale", "2", "--base",
+            str(tiny_models["base"]), "--weights", str(tiny_models["osediff"]), "-q", "--weight-dtype", "fp16",
+            "--memory-budget-mb", "300"]
+    assert main(argv) == 0
+    assert seen == {"weight_dtype": "fp16", "budget": 300.0}
+    assert Image.open(next((tmp_path / "out").iterdir())).size == (24, 20)
