@@ -127,3 +127,15 @@ def test_exact_tiled_vae_on_the_patched_decoder(vaes):
     kw = {"tile": 5, "context": 2, "in_factor": 1, "out_factor": 8, "compute_device": CPU}
     a, b = run_exact(decoder_forward, ref, z, **kw), run_exact(decoder_forward, fast, z, **kw)
     assert a.shape == b.shape == (1, 3, 96, 80) and _rel(a, b) <= 1e-4
+
+
+def test_a_model_built_under_inference_mode_runs(tmp_path):
+    """ComfyUI executes nodes under ``torch.inference_mode``, so a model it loads has inference-tensor weights
+    (they keep no in-place edit counter)."""
+    with torch.inference_mode():
+        ref, fast = _pair(seed=3)
+        assert fast.conv.weight.is_inference()
+        x = torch.randn(1, 16, 5, 6)
+        a, b = ref(x), fast(x)
+        again = fast(x)
+    assert _rel(a, b) <= 1e-4 and torch.equal(b, again)
