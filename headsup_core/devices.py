@@ -103,3 +103,9 @@ def upcast(module: torch.nn.Module):
 
 
 OOM_ERRORS: tuple[type[BaseException], ...] = (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else (RuntimeError,)
+
+
+def version_counter(t: torch.Tensor) -> int:
+    """A tensor's in-place edit counter, for caches keyed on it. Inference tensors (a model or image made under
+    ``torch.inference_mode``, as ComfyUI runs nodes) keep none: -1, and the caller's other keys must suffice."""
+    return -1 if t.is_inference() else t._version

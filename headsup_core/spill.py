@@ -22,6 +22,7 @@ import weakref
 import numpy as np
 import torch
 
+from .devices import version_counter
 from .errors import HeadsUpError
 
 ENV_SPILL_DIR = "HEADSUP_SPILL_DIR"
@@ -86,7 +87,7 @@ class SpillStore:
         # A resnet without a shortcut parks its input as the residual and then yields that same tensor: the
         # second slot shares the first's data (one copy in RAM or on disk).
         last = self._last
-        if last is not None and last[0]() is t and last[1].refs > 0 and last[2] == t._version:
+        if last is not None and last[0]() is t and last[1].refs > 0 and last[2] == version_counter(t):
             last[1].refs += 1
             return Slot(self, last[1])
         original = t
@@ -101,7 +102,7 @@ class SpillStore:
         else:
             self._write(blob, t)
             blob.tensor = None
-        self._last = (weakref.ref(original), blob, original._version)
+        self._last = (weakref.ref(original), blob, version_counter(original))
         return Slot(self, blob)
 
     def take(self, slot: Slot) -> torch.Tensor:

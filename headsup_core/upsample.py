@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .devices import version_counter
+
 try:
     from diffusers.models.upsampling import Upsample2D
 except ImportError:  # pragma: no cover - diffusers is a dependency of every model path that reaches here
@@ -70,12 +72,6 @@ def polyphase_conv(x: torch.Tensor, kernels: torch.Tensor, bias: torch.Tensor | 
         return v.permute(0, 2, 3, 4, 5, 1).contiguous().view(n, 2 * h, 2 * w, co).permute(0, 3, 1, 2)
     return v.contiguous().view(n, co, 2 * h, 2 * w)
 
-def _version(t: torch.Tensor) -> int:
-    """In-place edit counter; inference tensors (a model loaded under ``torch.inference_mode``, as ComfyUI loads
-    it) keep none, and their data pointer and dtype are the key."""
-    return -1 if t.is_inference() else t._version
-
-
 if Upsample2D is not None:
     class PolyphaseUpsample2D(Upsample2D):
         """``Upsample2D`` whose nearest-x2 + 3x3 conv runs as one 2x2 conv over 4 phases (module docstring)."""
@@ -85,8 +81,8 @@ if Upsample2D is not None:
             weight, bias = conv.weight, conv.bias
             if torch.compiler.is_compiling():
                 return phase_kernels(weight, bias)
-            key = (weight.data_ptr(), _version(weight), weight.dtype, weight.device, weight.stride(),
-                   None if bias is None else (bias.data_ptr(), _version(bias), bias.dtype))
+            key = (weight.data_ptr(), version_counter(weight), weight.dtype, weight.device, weight.stride(),
+                   None if bias is None else (bias.data_ptr(), version_counter(bias), bias.dtype))
             cache = self.__dict__.get("_polyphase_cache")
             if cache is None or cache[0] != key:
                 with torch.no_grad():

@@ -153,6 +153,14 @@ def test_spilled_lockstep_is_bit_identical_and_leaves_nothing(tiny_models, spill
             assert store.directory is None and not list(root.iterdir())  # files and directory removed
 
 
+def test_spilling_under_inference_mode(tiny_models, spill_root):
+    """ComfyUI runs nodes under ``torch.inference_mode``: activations are inference tensors (no version counter)."""
+    with torch.inference_mode():
+        vae = copy.deepcopy(_vae(tiny_models))
+        for run in _stage_runs(vae, torch.float32):
+            assert torch.equal(run(0), run(None))
+
+
 @pytest.mark.parametrize("error", [InterruptedByUser, KeyboardInterrupt, RuntimeError])
 def test_spill_files_are_removed_when_a_stage_fails(tiny_models, spill_root, error):
     root, made = spill_root
