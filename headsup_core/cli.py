@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPE_CHOICES), default="auto",
                     help="dtype the UNet's weights are kept in between layers, each layer computing in --dtype "
                     "(default auto: as --dtype, or fp16 on a CPU when fp32 weights would take over half the "
-                    "memory budget; fp16 halves resident weights at some speed)")
+                    "memory budget; fp16 halves resident weights at some speed; bf16 rounds them more coarsely than fp16)")
     up.add_argument("--vae-tiling", choices=VAE_TILING_MODES, default="exact",
                     help="tiled VAE statistics: exact = whole-image GroupNorm statistics pooled over all tiles "
                     "(default), fast = estimated from a small preview (cheaper, visibly less exact)")

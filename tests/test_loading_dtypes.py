@@ -118,3 +118,33 @@ def test_auto_storage_narrows_the_unet_when_the_budget_is_short(tiny_models, mon
         model, info = build_model(tiny_models["base_single"], tiny_models["headsup"], "cpu", None)
     assert info["dtypes"]["unet"]["storage"] == "float16" and model.dtype == F32
     assert "keeping fp32 stages' weights in fp16" in caplog.text
+
+
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip-ckpt", "legacy-ckpt"])
+def test_ckpt_base_loads_like_its_safetensors_twin(tiny_models, tmp_path, zipped):
+    """A ``.ckpt`` in the layout SD2.1's own release uses ({"state_dict": ...}): memory-mapped when it is a zip
+    checkpoint, read whole when it is a legacy one; same weights, same stage dtypes."""
+    from safetensors.torch import load_file
+
+    path = tmp_path / "v2-1_512-ema-pruned.ckpt"
+    sd = load_file(str(tiny_models["base_single"]))
+    sd["model_ema.decay"] = torch.tensor(0.9999)  # non-model entries the loader must skip
+    torch.save({"state_dict": sd, "global_step": 1}, path, _use_new_zipfile_serialization=zipped)
+    ref = load_base(tiny_models["base_single"], configs=_tiny_configs(tiny_models))
+    got = load_base(path, configs=_tiny_configs(tiny_models), dtypes={"unet": F16, "encoder": F32, "decoder": BF16})
+    assert {p.dtype for p in got.unet.parameters()} == {F16}
+    assert {p.dtype for p in got.vae.decoder.parameters()} == {BF16}
+    for (name, a), (_, b) in zip(ref.unet.state_dict().items(), got.unet.state_dict().items()):
+        assert torch.equal(a.half(), b), name
+    assert got.fingerprint == ref.fingerprint
+
+
+def _tiny_configs(tiny_models):
+    import json
+
+    from safetensors import safe_open
+
+    from headsup_core.loading.base import TINY_CONFIG_KEY
+
+    with safe_open(str(tiny_models["base_single"]), "pt") as f:
+        return json.loads(f.metadata()[TINY_CONFIG_KEY])
