@@ -9,16 +9,28 @@ import logging as _logging
 __version__ = "0.1.0"
 
 
-class _DropOptionalKernelNotice(_logging.Filter):
-    """bitsandbytes (pulled in by pyiqa, imported through peft) warns at import time that the optional
-    ``kernels`` package is missing ("Failed to load CPU gemm_4bit_forward ..."). Nothing here uses 4-bit
-    kernels, and a user cannot tell that line from a real fault, so only that notice is dropped."""
+# Third-party notices a normal run prints that say nothing about the user's job, as (logger, text in the message).
+# Each is dropped at its own logger, by its own text, so every other line (and all of ours) still shows.
+_THIRD_PARTY_NOTICES = (
+    # bitsandbytes (pulled in by pyiqa, imported through peft): the optional 4-bit CPU kernels are missing.
+    ("bitsandbytes.backends.cpu.ops", "gemm_4bit_forward"),
+    # kernels (pulled in by transformers >= 5.2x for bitsandbytes): with HF_HUB_OFFLINE=1, common on render boxes,
+    # it says it cannot check a kernel publisher online. Nothing here downloads or runs hub kernels.
+    ("kernels._internals.hf_hub", "publisher trust check"),
+)
+
+
+class _DropNotice(_logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
 
     def filter(self, record: _logging.LogRecord) -> bool:
-        return "gemm_4bit_forward" not in record.getMessage()
+        return self.text not in record.getMessage()
 
 
-_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropOptionalKernelNotice())
+for _logger_name, _text in _THIRD_PARTY_NOTICES:
+    _logging.getLogger(_logger_name).addFilter(_DropNotice(_text))
 __all__ = ["HeadsUpPipeline", "UpscaleOptions", "__version__"]
 
 

@@ -166,7 +166,8 @@ def test_batch_equals_one_at_a_time(tiny_pipe):
     batch = torch.rand(3, 16, 20, 3, generator=torch.Generator().manual_seed(0))
     together = tiny_pipe.upscale(batch, 2)
     alone = torch.cat([tiny_pipe.upscale(batch[i:i + 1], 2) for i in range(3)])
-    assert torch.equal(together, alone)
+    # Same picture, not the same bits: a CPU's conv/GEMM kernels may sum in another order for another batch size.
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
 
 
 def test_deterministic_by_default_and_seed_only_matters_when_sampling(tiny_models):

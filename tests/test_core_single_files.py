@@ -217,3 +217,29 @@ def test_cli_upscale_on_single_file_is_quiet(tiny_models, tmp_path):
     imp = subprocess.run([sys.executable, "-c", "import headsup_core, diffusers, peft, peft.tuners.lora"],
                          capture_output=True, text=True, timeout=300)
     assert imp.returncode == 0 and imp.stderr.strip() == "", imp.stderr
+
+
+def test_folder_base_pads_prompts_to_its_own_tokenizer_length(tiny_models, tmp_path):
+    """A diffusers folder whose tokenizer and text encoder were made for 16 tokens is encoded at 16, not SD2's 77
+    (transformers refuses a sequence longer than the encoder's positions); single files keep 77."""
+    import json
+    import shutil
+
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from headsup_core.loading.text_encoder import prompt_length
+    from headsup_core.tiny import TINY_TEXT
+
+    folder = tmp_path / "base16"
+    shutil.copytree(tiny_models["base"], folder)
+    torch.manual_seed(0)
+    CLIPTextModel(CLIPTextConfig(**{**TINY_TEXT, "max_position_embeddings": 16})).save_pretrained(
+        folder / "text_encoder")
+    cfg_path = folder / "tokenizer" / "tokenizer_config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "model_max_length": 16}))
+    tok, enc = load_base(folder).text_encoder_loader()
+    assert prompt_length(tok, enc) == 16
+    embeds = HeadsUpPipeline.from_files(str(folder), tiny_models["osediff"], device="cpu").encode_prompt(
+        "a portrait of a man with a long beard, " * 4)  # longer than 16 tokens: truncated, not an error
+    assert embeds.shape[1] == 16
+    assert prompt_length(*load_base(tiny_models["base_single"]).text_encoder_loader()) == 77

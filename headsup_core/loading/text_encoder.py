@@ -119,8 +119,21 @@ def write_tokenizer_files(folder: str | os.PathLike, vocab: dict[str, int] | Non
         "unk_token": "<|endoftext|>"}), encoding="utf-8")
 
 
-def tokenize(tokenizer, text: str) -> torch.Tensor:
-    return tokenizer(text, max_length=MAX_LENGTH, padding="max_length", truncation=True,
+def prompt_length(tokenizer, encoder) -> int:
+    """How many tokens a prompt is padded and truncated to: what this tokenizer and text encoder were trained with.
+
+    A diffusers folder's own ``tokenizer/`` settings are honoured (capped by the encoder's positions); single files
+    carry no tokenizer and get SD2's 77 from ``sd2_tokenizer``. ``model_max_length`` is a huge sentinel when unset.
+    """
+    positions = int(getattr(getattr(encoder, "config", None), "max_position_embeddings", MAX_LENGTH))
+    declared = getattr(tokenizer, "model_max_length", None)
+    if isinstance(declared, int) and 0 < declared < positions:
+        return declared
+    return positions
+
+
+def tokenize(tokenizer, text: str, max_length: int = MAX_LENGTH) -> torch.Tensor:
+    return tokenizer(text, max_length=max_length, padding="max_length", truncation=True,
                      return_tensors="pt").input_ids
 
 
@@ -233,7 +246,8 @@ class PromptEncoder:
             return cached
         tokenizer, encoder = self.loader()
         try:
-            embeds = encoder(tokenize(tokenizer, text).to(encoder.device))[0].float().cpu()
+            ids = tokenize(tokenizer, text, prompt_length(tokenizer, encoder))
+            embeds = encoder(ids.to(encoder.device))[0].float().cpu()
         finally:
             del encoder  # free the text encoder right away: it is ~1.4 GB for SD2 and not needed again
             gc.collect()
