@@ -81,10 +81,11 @@ class HeadsUpPipeline:
         return cls(model, info.pop("text_encoder_loader"), info, tag_source=tag_source)
 
     def to(self, device=None, dtype=None) -> "HeadsUpPipeline":
+        if dtype is not None:  # every stage now computes and stores in dtype: no narrower storage, no cast hooks
+            from .loading.dtypes import retarget_storage
+
+            retarget_storage(self.model, dtype)
         self.model.to(device=device, dtype=dtype)
-        if dtype is not None:  # every stage now computes and stores in dtype
-            for module in self.model.modules():
-                module.__dict__.pop("_headsup_compute_dtype", None)
         return self
 
     @property

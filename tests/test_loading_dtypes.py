@@ -108,6 +108,25 @@ def test_pipeline_with_fp16_storage_upscales_close_to_fp32(tiny_models):
     assert out_a.shape == out_b.shape and 0 < mse < 1e-4
 
 
+def test_to_a_new_dtype_after_fp16_storage_leaves_one_consistent_model(tiny_models):
+    """A1111 loads on the CPU (auto storage may keep the UNet's weights in fp16 behind cast hooks) and then calls
+    ``pipe.to(cuda, fp16)``: the hooks must follow, or each layer is cast back to fp32 while activations are fp16
+    ("mat1 and mat2 must have the same dtype"). Checked on the CPU in fp16, and back to fp32."""
+    import numpy as np
+
+    from headsup_core import HeadsUpPipeline
+
+    pipe = HeadsUpPipeline.from_files(tiny_models["base_single"], tiny_models["headsup"], device="cpu",
+                                      weight_dtype="fp16")
+    img = (np.random.RandomState(0).rand(16, 16, 3) * 255).astype(np.uint8)
+    narrow = pipe.upscale(img, 2, color_fix="none")
+    for dtype in (torch.float16, torch.float32):
+        out = pipe.to("cpu", dtype).upscale(img, 2, color_fix="none")
+        params = {p.dtype for p in pipe.model.parameters()}
+        assert params == {dtype} and pipe.dtype == dtype, (dtype, params)  # no layer left in another dtype
+        assert np.abs(out.astype(int) - narrow.astype(int)).mean() < 3, dtype  # the same picture
+
+
 def test_auto_storage_narrows_the_unet_when_the_budget_is_short(tiny_models, monkeypatch, caplog):
     import headsup_core.memory as memory
 

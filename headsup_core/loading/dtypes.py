@@ -69,6 +69,19 @@ def storage_dtypes(device: torch.device, compute: dict[str, torch.dtype], weight
     return out
 
 
+def retarget_storage(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Make ``module.to(dtype)`` leave one consistent model after ``apply_storage``: every layerwise-casting hook now
+    stores and computes in ``dtype`` (diffusers cannot remove them) and the compute-dtype mark goes, so weights,
+    compute and activations all agree (A1111 moves a CPU-loaded pipeline to ``cuda, fp16``)."""
+    module.__dict__.pop("_headsup_compute_dtype", None)
+    for sub in module.modules():
+        hooks = getattr(sub, "_diffusers_hook", None)
+        hook = hooks.get_hook("layerwise_casting") if hooks is not None else None
+        if hook is not None:
+            hook.storage_dtype = hook.compute_dtype = dtype
+        sub.__dict__.pop("_headsup_compute_dtype", None)
+
+
 def apply_storage(module: torch.nn.Module, storage: torch.dtype, compute: torch.dtype) -> None:
     """Keep ``module``'s Conv/Linear weights in ``storage`` and cast each layer to ``compute`` for its own forward
     (diffusers' layerwise casting, one hook per layer); every other parameter (norms: small) and, when storage
