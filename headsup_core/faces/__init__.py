@@ -13,6 +13,7 @@ when a function needs them.
 """
 from .analyzer import BACKENDS, find_backends, load_auto, load_face_analyzer
 from .common import FaceAnalyzer
+from .identity_net import load_identity_network
 from .identity import MATCH_THRESHOLD, SAME_PERSON_THRESHOLD, similarity, to_common
 from .condition import build_face_condition, format_assignments, match_references
 from .reference import as_references, encode_reference
@@ -20,4 +21,5 @@ from .types import DetectedFace, FaceCondition, Reference
 
 __all__ = ["BACKENDS", "MATCH_THRESHOLD", "SAME_PERSON_THRESHOLD", "DetectedFace", "FaceAnalyzer", "FaceCondition",
            "Reference", "as_references", "build_face_condition", "encode_reference", "find_backends",
-           "format_assignments", "load_auto", "load_face_analyzer", "match_references", "similarity", "to_common"]
+           "format_assignments", "load_auto", "load_face_analyzer", "load_identity_network", "match_references",
+           "similarity", "to_common"]
