@@ -95,7 +95,14 @@ def cmd_upscale(args) -> int:
                              memory_fraction=args.memory_fraction, memory_budget_mb=args.memory_budget_mb)
     pipe = HeadsUpPipeline.from_files(base, weights, device=args.device, dtype=args.dtype,
                                       sample_latent=args.sample_latent, weight_dtype=args.weight_dtype)
-    analyzer = _load_face_analyzer(args, root)
+    used = pipe.conditioning_in_use()
+    if args.reference and not used["reference"]:
+        note = pipe.note_reference_unused()  # said once; no face matching, no reference encode below
+        if not args.quiet:
+            print(f"reference ignored: {note}")
+        args.reference = []
+    # faces are analysed only when a face mask or a reference can reach the UNet
+    analyzer = _load_face_analyzer(args, root) if used["mask"] or args.reference else None
     references = [load_image(r) for r in args.reference] if args.reference else None
     if references:
         from .faces import encode_reference

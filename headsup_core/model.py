@@ -48,6 +48,18 @@ def assemble_unet_input(lq_latent: torch.Tensor, ref_latent: torch.Tensor | None
     return out
 
 
+def conditioning_in_use(conv_in_weight: torch.Tensor | None) -> dict[str, bool]:
+    """Which extra ``conv_in`` inputs the weights react to. Input channels whose weights are all zero (OSEDiff's
+    widened conv_in, or any checkpoint whose reference/mask channels were never trained) cannot change the output,
+    so the reference work (matching, canvas, VAE encode) or the face mask can be skipped for them."""
+    if conv_in_weight is None or conv_in_weight.shape[1] <= LQ_CHANNELS:
+        return {"reference": False, "mask": False}
+    w = conv_in_weight.detach()
+    ref, mask = w[:, LQ_CHANNELS:2 * LQ_CHANNELS], w[:, 2 * LQ_CHANNELS:]
+    return {"reference": ref.numel() > 0 and bool(ref.abs().amax() > 0),
+            "mask": mask.numel() > 0 and bool(mask.abs().amax() > 0)}
+
+
 def mask_to_latent(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
     """Pixel-resolution soft mask Bx1xHxW -> latent resolution by area averaging."""
     return F.interpolate(mask.float(), size=latent_hw, mode="area")
@@ -75,6 +87,14 @@ class HeadsUpModel(torch.nn.Module):
     def in_channels(self) -> int:
         conv = self.unet.conv_in
         return int(getattr(conv, "base_layer", conv).in_channels)  # a peft-wrapped conv_in during training
+
+    @property
+    def conditioning_in_use(self) -> dict[str, bool]:
+        """{"reference": bool, "mask": bool}: whether conv_in's reference / mask input weights are non-zero."""
+        conv = self.unet.conv_in
+        if hasattr(conv, "base_layer"):  # training: the LoRA on conv_in can wake zero channels at any step
+            return {"reference": self.in_channels > LQ_CHANNELS, "mask": self.in_channels > LQ_CHANNELS}
+        return conditioning_in_use(conv.weight)
 
     @property
     def cross_attention_dim(self) -> int:

@@ -27,6 +27,8 @@ MAX_OUTPUT_SIDE = 32768
 # Longer side, in latent units, of the whole-image previews that give tiled VAE stages shared GroupNorm statistics.
 ENCODER_PREVIEW = 64
 DECODER_PREVIEW = 32
+REFERENCE_UNUSED = ("the weights' reference input channels of conv_in are all zero (never trained, as in OSEDiff), "
+                    "so a reference cannot change the output")
 
 
 def output_size(h: int, w: int, scale: float) -> tuple[int, int]:
@@ -57,6 +59,7 @@ class HeadsUpPipeline:
         # Optional tag source (the paper's "language description extraction"): LQ image (1x3xHxW, 0..1) -> tags,
         # put into OSEDiff's prompt form f"{tags}, {prompt},". None ships; see docs/README "Prompt and tags".
         self.tag_source = tag_source
+        self._said_reference_unused = False
 
     # ----------------------------------------------------------------------------------------------- loading
     @classmethod
@@ -127,6 +130,28 @@ class HeadsUpPipeline:
         return self.model.default_prompt_embeds
 
     # ----------------------------------------------------------------------------------------------- faces
+    def conditioning_in_use(self) -> dict[str, bool]:
+        """{"reference": bool, "mask": bool}: whether the weights can react to a reference / the face mask
+        (their conv_in input weights are not all zero). Front ends skip the work an unused input would cost."""
+        used = getattr(self.model, "conditioning_in_use", None)
+        if used is None:
+            wide = self.model.in_channels > 4
+            return {"reference": wide, "mask": wide}
+        return dict(used)
+
+    def reference_unused_reason(self) -> str | None:
+        """Why a reference would be ignored by these weights (None: it can be used)."""
+        return None if self.conditioning_in_use()["reference"] else REFERENCE_UNUSED
+
+    def note_reference_unused(self) -> str:
+        """Say once per pipeline that a given reference is ignored (every front end ends up here)."""
+        reason = self.reference_unused_reason() or ""
+        if not self._said_reference_unused:
+            self._said_reference_unused = True
+            log.warning("HeadsUp: the reference is ignored: %s. No face matching or reference encoding is done.",
+                        reason)
+        return reason
+
     def _references(self, reference, face_analyzer):
         """The faces package's one reference normaliser: each photo is one person."""
         if reference is None:
@@ -198,6 +223,12 @@ class HeadsUpPipeline:
         if interrupt is not None and interrupt():
             raise InterruptedByUser("Interrupted by the user before the upscale started.")
         batch = to_batch(image)
+        used = self.conditioning_in_use()
+        reference_note = "no reference given" if reference is None else None
+        if reference is not None and not used["reference"]:
+            reference, reference_note = None, self.note_reference_unused()
+        if face_analyzer is not None and not (used["mask"] or (reference is not None and used["reference"])):
+            face_analyzer = None  # neither a face mask nor a reference can reach the UNet: skip face analysis
         refs = self._references(reference, face_analyzer)
         tag_source = opts.tag_source or self.tag_source
         prompt, prompt_embeds = opts.prompt, opts.prompt_embeds
@@ -235,8 +266,13 @@ class HeadsUpPipeline:
         result = from_batch(rgb, alpha, batch)
         if not return_info:
             return result
+        placed = any(a.get("reference_index") is not None for faces in assignments for a in faces)
+        if refs and not placed:
+            reference_note = "no face matched a reference"
         return result, {"face_mask": torch.cat(masks), "assignments": assignments, "timings": timings,
-                        "output_size": (oh, ow), "tile_plan": plan}
+                        "output_size": (oh, ow), "tile_plan": plan, "reference_used": bool(refs) and placed,
+                        "reference_note": None if bool(refs) and placed else reference_note,
+                        "face_mask_used": used["mask"] and face_analyzer is not None}
 
     def _tiles_per_image(self, oh: int, ow: int, plan: TilePlan, with_reference: bool) -> int:
         lh, lw = self.latent_size((oh, ow))

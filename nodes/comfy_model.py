@@ -108,10 +108,7 @@ def conv_in_patches(model_patcher, unet_state: dict) -> dict:
     sd = model_patcher.model_state_dict(LDM_CONV_IN)
     base_w = sd[LDM_CONV_IN + "weight"]
     base_in = int(model_patcher.model.model_config.unet_config.get("in_channels", 4))
-    weight = unet_state.get("conv_in.weight")
-    bias = unet_state.get("conv_in.bias")
-    if weight is None and "conv_in.base_layer.weight" in unet_state:  # OSEDiff .pkl: LoRA on conv_in
-        weight, bias = _osediff_conv_in(unet_state)
+    weight, bias = conv_in_of(unet_state)
     if weight is None:
         return {}
     if weight.shape[0] != base_w.shape[0] or weight.shape[2:] != base_w.shape[2:] or weight.shape[1] < base_in:
@@ -121,6 +118,13 @@ def conv_in_patches(model_patcher, unet_state: dict) -> dict:
     if bias is not None:
         patches[LDM_CONV_IN + "bias"] = ("diff", (bias.float(), {"pad_weight": False}))
     return patches
+
+
+def conv_in_of(unet_state: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The weights' full conv_in (weight, bias); an OSEDiff .pkl's LoRA on conv_in merged. (None, None): none."""
+    if "conv_in.weight" not in unet_state and "conv_in.base_layer.weight" in unet_state:
+        return _osediff_conv_in(unet_state)
+    return unet_state.get("conv_in.weight"), unet_state.get("conv_in.bias")
 
 
 def _osediff_conv_in(state: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,9 +168,13 @@ class ComfyHeadsUpModel:
     retry_in_fp32 = False  # the host owns precision (its dtype / manual cast); no module upcasting here
 
     def __init__(self, model_patcher, vae, in_channels: int, prompt_embeds: torch.Tensor | None,
-                 timestep: int = 999, metadata: dict | None = None):
+                 timestep: int = 999, metadata: dict | None = None, conditioning: dict | None = None):
         import comfy.model_management as mm
 
+        wide = int(in_channels) > 4
+        # which of the reference / mask inputs the weights react to (core model.conditioning_in_use)
+        self.conditioning_in_use = dict(conditioning) if conditioning is not None else {"reference": wide,
+                                                                                         "mask": wide}
         self.patcher = model_patcher
         self.vae_obj = vae
         self._in_channels = int(in_channels)

@@ -33,9 +33,10 @@ def build_handle(model, vae, loaded, clip=None, name="HeadsUp"):
     """MODEL + VAE (+ CLIP) from the graph and core LoadedWeights -> a HeadsUpHandle (no ComfyUI loading)."""
     from headsup_core.errors import WeightsError
     from headsup_core.licences import describe_licence
+    from headsup_core.model import conditioning_in_use
     from headsup_core.pipeline import HeadsUpPipeline
 
-    from .comfy_model import ComfyHeadsUpModel, WeightsMismatch, encode_default_prompt, patch_models
+    from .comfy_model import ComfyHeadsUpModel, WeightsMismatch, conv_in_of, encode_default_prompt, patch_models
 
     unet_cfg = model.model.model_config.unet_config
     if unet_cfg.get("context_dim") != 1024 or unet_cfg.get("in_channels", 4) != 4:
@@ -60,7 +61,8 @@ def build_handle(model, vae, loaded, clip=None, name="HeadsUp"):
     if note:
         log.info(note)
     cm = ComfyHeadsUpModel(patched_model, patched_vae, in_channels=max(4, loaded.in_channels),
-                           prompt_embeds=embeds, timestep=loaded.timestep, metadata=loaded.metadata)
+                           prompt_embeds=embeds, timestep=loaded.timestep, metadata=loaded.metadata,
+                           conditioning=conditioning_in_use(conv_in_of(loaded.unet_state)[0]))
     pipe = HeadsUpPipeline(cm, None, {"base": "graph MODEL/VAE", "weights": str(loaded.path)})
     return HeadsUpHandle(pipe=pipe, patcher=None, name=name)
 

@@ -60,7 +60,9 @@ class HeadsUpUpscale(io.ComfyNode):
                                tooltip="Keep the input's colours: adain matches per-channel mean/std, wavelet "
                                        "keeps the input's low frequencies, none leaves the model output."),
                 HEADSUP_REFERENCE.Input("reference", optional=True,
-                                        tooltip="Identity reference(s) from HeadsUp Reference Encoder."),
+                                        tooltip="Identity reference(s) from HeadsUp Reference Encoder. Weights "
+                                                "whose reference channels were never trained (OSEDiff) ignore "
+                                                "it: the node then says so in the log and on the node."),
                 FACE_ANALYSIS.Input("face_analysis", optional=True,
                                     tooltip="Face analysis used to find the faces in the image. Without it, the "
                                             "reference's own face analysis is used; with neither, no face mask."),
@@ -121,9 +123,15 @@ class HeadsUpUpscale(io.ComfyNode):
         if mask is None:
             mask = torch.zeros(out.shape[0], 1, out.shape[1], out.shape[2])
         mask = mask.to(device=device, dtype=torch.float32).squeeze(1)
-        if analyzer is not None:
+        lines = []
+        if references and pipe.reference_unused_reason():
+            lines.append(f"reference ignored: {info['reference_note']}")
+            log.info("HeadsUp: %s", lines[-1])
+        elif analyzer is not None:
             from headsup_core.faces import format_assignments
 
             for i, faces in enumerate(info.get("assignments") or []):
-                log.info("HeadsUp image %d:\n%s", i, format_assignments(faces))
-        return io.NodeOutput(out.to(device), mask)
+                lines.append(f"image {i}:\n{format_assignments(faces)}")
+                log.info("HeadsUp %s", lines[-1])
+        # shown on the node (a text preview), so an ignored reference is visible where it was wired
+        return io.NodeOutput(out.to(device), mask, ui={"text": lines} if lines else None)

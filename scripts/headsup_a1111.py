@@ -304,7 +304,15 @@ class UpscalerHeadsUp(_upscaler.Upscaler):
             return img
         opts = current_options()
         pipe = self.load_model(selected_model)
-        analyzer = face_analyzer(required=opts["reference"] is not None)
+        reference, used = opts["reference"], pipe.conditioning_in_use()
+        if reference is not None and not used["reference"]:
+            # weights whose reference channels were never trained (OSEDiff): say so once, skip the reference work
+            if not getattr(pipe, "_a1111_said_unused", False):
+                pipe._a1111_said_unused = True
+                print(f"HeadsUp: the reference is ignored: {pipe.note_reference_unused()}.")
+            reference = None
+        analyzer = (face_analyzer(required=reference is not None)
+                    if used["mask"] or reference is not None else None)
         state = getattr(shared, "state", None)
 
         def progress(done, total):
@@ -317,7 +325,7 @@ class UpscalerHeadsUp(_upscaler.Upscaler):
         pipe.to(*_device_dtype())
         try:
             # The core's memory policy: tiles from the budget (0 = automatic), halved and retried on OOM.
-            return upscale_with_retry(pipe, img.convert("RGB"), scale=self.scale, reference=opts["reference"],
+            return upscale_with_retry(pipe, img.convert("RGB"), scale=self.scale, reference=reference,
                                       face_analyzer=analyzer, tile_size=opts["tile_size"] or None,
                                       color_fix=opts["color_fix"], progress=progress, interrupt=_interrupted)
         except hu_errors.InterruptedByUser:

@@ -247,3 +247,22 @@ def test_no_pass_below_or_at_scale_1_or_when_interrupted(webui, monkeypatch):
         assert up.do_upscale(img, up.scalers[0].data_path) is img
     finally:
         shared.state.interrupted = False
+
+
+def test_osediff_weights_log_that_the_reference_is_ignored(webui, capsys):
+    mod, shared = webui
+    up = mod.UpscalerHeadsUp(None)
+    data = next(s for s in up.scalers if s.name == "HeadsUp osediff")
+    img = _t1(64)
+    up.scale = 2
+    plain = up.do_upscale(img, data.data_path)
+    shared.state.job_timestamp = "job-osediff"
+    mod.set_options(enable=True, reference=_t1(128), color_fix="adain", tile_size=0)
+    try:
+        out = up.do_upscale(img, data.data_path)
+        again = up.do_upscale(img, data.data_path)
+    finally:
+        mod.set_options(enable=False)
+    said = capsys.readouterr().out
+    assert said.count("reference is ignored") == 1 and "conv_in" in said  # once, with the reason
+    assert list(out.getdata()) == list(plain.getdata()) == list(again.getdata())

@@ -182,3 +182,25 @@ def test_face_loader_auto_prefers_the_installed_pack_then_dlib(pack):
     explicit = loader.execute(backend="dlib", pack="antelopev2", provider="CPU")[0]
     assert type(explicit) is type(fallback) and type(fallback).__name__ == "DlibAnalyzer"
     assert len(fallback.detect(np.asarray(_photo("t1.jpg")))) == 6
+
+
+def test_osediff_weights_say_the_reference_is_ignored(pack, faces, caplog):
+    """OSEDiff's conv_in has zero reference/mask weights: the node logs it, shows it on the node, and returns
+    exactly the reference-free result with an empty mask."""
+    import logging
+
+    handle = pack.nodes["HeadsUpLoader"].execute(weights="osediff.pkl", base="diffusers/base", dtype="fp32")[0]
+    tom = _as_image(_photo("Tom_Hanks_54745.png"))
+    ref, _ = pack.nodes["HeadsUpReferenceEncoder"].execute(image=tom, face_analysis=faces).result
+    lq = _as_image(_photo("Tom_Hanks_54745.png"), (32, 32))
+    with caplog.at_level(logging.INFO):
+        out = pack.nodes["HeadsUpUpscale"].execute(model=handle, image=lq, scale=2.0, tile_size=0,
+                                                   color_fix="adain", reference=ref)
+    plain, _ = pack.nodes["HeadsUpUpscale"].execute(model=handle, image=lq, scale=2.0, tile_size=0,
+                                                    color_fix="adain").result
+    image, mask = out.result
+    assert torch.equal(image, plain) and float(mask.abs().max()) == 0
+    assert "reference ignored" in out.ui["text"][0] and "conv_in" in out.ui["text"][0]
+    assert "reference ignored" in caplog.text and "similarity" not in caplog.text
+    tip = {i.id: i for i in pack.nodes["HeadsUpUpscale"].GET_SCHEMA().inputs}["reference"].tooltip
+    assert "OSEDiff" in tip and "ignore" in tip
