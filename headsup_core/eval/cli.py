@@ -38,6 +38,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     f.add_argument("--face-models",
                    help="insightface model root (holding models/<pack>/) or facexlib weights folder")
     f.add_argument("--face-pack", help="insightface pack name (default: antelopev2, buffalo_l or the only one)")
+    f.add_argument("--identity", default="auto", choices=("auto", "dlib", "analyzer"),
+                   help="network for ID similarity: auto/dlib = dlib's ResNet in torch (public domain; auto falls "
+                        "back to the analyzer without face-recognition-models), analyzer = the face analyzer's own "
+                        "recognizer (default auto)")
     m = p.add_argument_group("metrics")
     m.add_argument("--metrics-root",
                    help="folder holding the metric weights, laid out like a torch hub dir (pyiqa/, checkpoints/, "
@@ -122,7 +126,12 @@ def _setup(args, metric_names, samples_kw):
                             osediff_weights=args.osediff_weights, face_weights=args.face_weights,
                             device=args.device, scale=args.scale, tile_size=args.tile_size,
                             color_fix=args.color_fix, seed=args.seed, analyzer=analyzer, feather=args.feather)
-    return samples, notes, analyzer, suite, methods
+    identity = None
+    if analyzer is not None and "id_sim" in metric_names:
+        from ..faces.identity_net import default_embedder
+
+        identity = default_embedder(getattr(args, "identity", "auto"), device=device)
+    return samples, notes, analyzer, suite, methods, identity
 
 
 def run_eval_command(args) -> int:
@@ -130,13 +139,13 @@ def run_eval_command(args) -> int:
 
     kw = dict(gt_dir=args.gt, manifest=args.manifest, lq_dir=args.lq, max_side=args.max_side, limit=args.limit,
               split=None if args.split == "all" else args.split)
-    samples, notes, analyzer, suite, methods = _setup(args, args.metrics, kw)
+    samples, notes, analyzer, suite, methods, identity = _setup(args, args.metrics, kw)
     if not args.reference:
         for s in samples:
             s.references = []
     out = Path(args.out)
     result = run_eval(samples, methods, scale=args.scale, suite=suite, analyzer=analyzer,
-                      out_dir=None if args.no_images else out, device=args.device)
+                      out_dir=None if args.no_images else out, device=args.device, identity=identity)
     result["notes"] = {**notes, **result["notes"]}
     config = {k: v for k, v in vars(args).items() if k != "func"}
     paths = write_reports(result, out, config)
@@ -160,8 +169,9 @@ def run_compare_command(args) -> int:
                 raise InputImageError(f"Image file not found: {src}")
             (Path(tmp) / f"{i:03d}_{src.stem}{src.suffix.lower()}").symlink_to(src.resolve())
         kw = dict(lq_dir=tmp) if args.inputs_are_lq else dict(gt_dir=tmp, max_side=args.max_side)
-        samples, notes, analyzer, suite, methods = _setup(args, args.metrics, kw)
-        result = run_eval(samples, methods, scale=args.scale, suite=suite, analyzer=analyzer, device=args.device)
+        samples, notes, analyzer, suite, methods, identity = _setup(args, args.metrics, kw)
+        result = run_eval(samples, methods, scale=args.scale, suite=suite, analyzer=analyzer, device=args.device,
+                          identity=identity)
     rows, metrics, boxes = [], [], []
     for s in samples:
         imgs = result["images"][s.name]

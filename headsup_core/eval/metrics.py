@@ -252,21 +252,28 @@ def _iou(a, b) -> float:
 
 
 def face_metrics(sr_u8: np.ndarray, gt_u8: np.ndarray, analyzer, suite: MetricSuite | None = None,
-                 gt_faces=None, margin: float = 0.2) -> tuple[dict, list[dict]]:
+                 gt_faces=None, margin: float = 0.2, identity=None) -> tuple[dict, list[dict]]:
     """ID similarity (SR vs GT identity) and face-region PSNR/LPIPS on the GT's detected faces.
 
     The SR face is described at the GT face's landmarks (``analyzer.embed(sr, gt_kps)``), so a face the model
     blurred or distorted is still measured, never dropped; ID similarity is on the common identity scale of
     ``faces.identity`` (ArcFace cosine; other identity models calibrated to it). The SR image is also run through
     the detector: ``sr_detected`` per face (a detection with box IoU > 0.3) and ``faces_missed`` in the means
-    count the faces the detector no longer finds in the SR output.
+    count the faces the detector no longer finds in the SR output. ``identity`` (a ``faces.identity_net``
+    ``IdentityEmbedder``, e.g. the torch dlib network) describes both SR and GT faces at the GT landmarks in one
+    batch instead of the analyzer's own recognizer.
     """
     from ..faces.identity import to_common
 
     gt_faces = analyzer.detect(gt_u8) if gt_faces is None else gt_faces
     sr_faces = analyzer.detect(sr_u8) if gt_faces else []
-    kind = getattr(analyzer, "identity_kind", "arcface")
+    kind = getattr(identity or analyzer, "kind" if identity is not None else "identity_kind", "arcface")
     embed = getattr(analyzer, "embed", None)
+    pairs = None
+    if identity is not None and gt_faces:
+        kps = [f.kps for f in gt_faces]
+        pairs = list(zip(identity.embed_many(np.ascontiguousarray(sr_u8), kps),
+                         identity.embed_many(np.ascontiguousarray(gt_u8), kps)))
     h, w = gt_u8.shape[:2]
     rows = []
     for i, gf in enumerate(gt_faces):
@@ -283,11 +290,15 @@ def face_metrics(sr_u8: np.ndarray, gt_u8: np.ndarray, analyzer, suite: MetricSu
                 row["face_lpips"] = suite._run("lpips", a, b)
         best = max(sr_faces, key=lambda f: _iou(f.bbox, gf.bbox), default=None)
         row["sr_detected"] = best is not None and _iou(best.bbox, gf.bbox) > 0.3
-        sr_emb = embed(np.ascontiguousarray(sr_u8), gf.kps) if embed is not None else None
-        if sr_emb is None and row["sr_detected"]:  # an analyzer without embed(): the detected SR face
-            sr_emb = best.embedding
-        if sr_emb is not None and gf.embedding is not None:
-            ea, eb = np.asarray(sr_emb, np.float64), np.asarray(gf.embedding, np.float64)
+        if pairs is not None:
+            sr_emb, gt_emb = pairs[i]
+        else:
+            gt_emb = gf.embedding
+            sr_emb = embed(np.ascontiguousarray(sr_u8), gf.kps) if embed is not None else None
+            if sr_emb is None and row["sr_detected"]:  # an analyzer without embed(): the detected SR face
+                sr_emb = best.embedding
+        if sr_emb is not None and gt_emb is not None:
+            ea, eb = np.asarray(sr_emb, np.float64), np.asarray(gt_emb, np.float64)
             row["id_sim"] = to_common(float(ea @ eb / (np.linalg.norm(ea) * np.linalg.norm(eb) + 1e-12)), kind)
         rows.append(row)
     means = {}

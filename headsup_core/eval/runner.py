@@ -227,8 +227,10 @@ def paste_region_mask(faces, lq_shape, out_hw, crop_size: int = 512, margin: flo
 
 def run_eval(samples: list[Sample], methods: dict[str, Callable], *, scale: float, suite: MetricSuite | None,
              analyzer=None, out_dir: str | os.PathLike | None = None, device=None,
-             log: Callable[[str], None] = print) -> dict:
-    """Run every method on every sample and measure. ``methods[name](sample, faces_lq) -> (sr_u8, info)``."""
+             log: Callable[[str], None] = print, identity=None) -> dict:
+    """Run every method on every sample and measure. ``methods[name](sample, faces_lq) -> (sr_u8, info)``.
+    ``identity``: the network for ID similarity (``faces.identity_net.IdentityEmbedder``); None: the analyzer's
+    own recognizer. The notes name the network that ran."""
     from .seam import seam_score
 
     rows: list[dict] = []
@@ -257,7 +259,7 @@ def run_eval(samples: list[Sample], methods: dict[str, Callable], *, scale: floa
                     row.update(suite.full_reference(_to_tensor(sr), _to_tensor(s.gt)))
                 row.update(suite.no_reference(_to_tensor(sr)))
             if analyzer is not None and s.gt is not None:
-                means, _ = face_metrics(sr, s.gt, analyzer, suite, gt_faces=faces_gt)
+                means, _ = face_metrics(sr, s.gt, analyzer, suite, gt_faces=faces_gt, identity=identity)
                 row.update({k: means[k] for k in FACE_METRICS})
                 row["faces"] = means["faces"]
             if ring_mask is not None and s.gt is not None:
@@ -283,6 +285,11 @@ def run_eval(samples: list[Sample], methods: dict[str, Callable], *, scale: floa
         for name in methods:
             fid[name] = suite.fid(out_dir / "images" / name, out_dir / "images" / "GT")
         notes["fid"] = f"FID over {len(samples)} images; it is unreliable below a few hundred images"
+    if analyzer is not None:
+        notes["id_sim"] = "ID similarity (common scale) with " + (
+            identity.name if identity is not None else
+            f"the {getattr(analyzer, 'backend', '?')} face analyzer's recognizer "
+            f"({getattr(analyzer, 'identity_kind', 'arcface')})")
     if suite is not None:
         notes.update({f"metric:{k}": v for k, v in suite.notes.items()})
         notes["psnr_ssim"] = f"PSNR/SSIM on Y (BT.601 YCbCr), crop border {suite.crop_border} px; identical = 80 dB"

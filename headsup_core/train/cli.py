@@ -44,7 +44,14 @@ def cmd_dataset_build(args) -> int:
                                       device=args.device)
     if analyzer is None:
         print("warning: --faces none: every image is rejected by the face rule")
-    summary = build_dataset(args.sources, args.out, opts, analyzer=analyzer, progress=not args.no_progress)
+    identity = None
+    if analyzer is not None:
+        from ..faces.identity_net import default_embedder
+
+        identity = default_embedder(args.identity, device=args.device)
+        print(f"identity: {identity.name if identity is not None else 'the face analyzer recognizer'}")
+    summary = build_dataset(args.sources, args.out, opts, analyzer=analyzer, progress=not args.no_progress,
+                            identity=identity)
     print(format_summary(summary))
     print(f"manifest: {args.out}/manifest.jsonl   pairs: {args.out}/pairs.jsonl")
     return 0
@@ -113,6 +120,10 @@ def register(subparsers) -> None:
                         "else facexlib; facexlib has no identity embeddings)")
     b.add_argument("--face-models", metavar="DIR", help="face model root (insightface: folder with models/<pack>)")
     b.add_argument("--face-pack", metavar="NAME", help="insightface pack name (default antelopev2/buffalo_l)")
+    b.add_argument("--identity", default="auto", choices=("auto", "dlib", "analyzer"),
+                   help="identity embeddings: auto/dlib = dlib's ResNet in torch, batched (public domain; auto "
+                        "falls back to the analyzer without face-recognition-models), analyzer = the face "
+                        "analyzer's own recognizer (default auto)")
     b.add_argument("--device", help="device for quality and face models (cpu, cuda, cuda:1)")
     b.add_argument("--seed", type=int, default=0, help="seed of the train/test split (default 0)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")

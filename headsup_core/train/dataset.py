@@ -98,7 +98,7 @@ def _dec(s: str | None) -> np.ndarray | None:
     return None if s is None else np.frombuffer(base64.b64decode(s), np.float32)
 
 
-def analyse_image(path: Path, opts: BuildOptions, analyzer, scorer) -> dict:
+def analyse_image(path: Path, opts: BuildOptions, analyzer, scorer, identity=None) -> dict:
     """Everything the rules need about one image; never raises for a bad file (it becomes a reject)."""
     from PIL import Image, ImageOps
 
@@ -123,14 +123,19 @@ def analyse_image(path: Path, opts: BuildOptions, analyzer, scorer) -> dict:
     rec["phash"] = phash(rgb)
     small, s = _downscale(rgb, opts.detect_size)
     faces = []
-    for f in analyzer.detect(np.ascontiguousarray(small)) if analyzer is not None else []:
+    found = analyzer.detect(np.ascontiguousarray(small)) if analyzer is not None else []
+    # all faces of the image in one batch through the identity network (when one is given)
+    embs = identity.embed_many(small, [f.kps for f in found]) if identity is not None and found else None
+    for n, f in enumerate(found):
         kps = np.asarray(f.kps, np.float32) / s
         faces.append({"bbox": [round(float(v) / s, 2) for v in f.bbox], "kps": np.round(kps, 2).tolist(),
                       "det_score": round(float(f.det_score), 4),
                       "eye_distance": round(float(np.linalg.norm(kps[1] - kps[0])), 2),
-                      "embedding": _enc(getattr(f, "embedding", None))})
+                      "embedding": _enc(embs[n] if embs is not None else getattr(f, "embedding", None))})
     rec["faces"] = faces
-    if analyzer is not None and getattr(analyzer, "has_recognizer", False):
+    if identity is not None and analyzer is not None:
+        rec["identity_model"] = identity.kind
+    elif analyzer is not None and getattr(analyzer, "has_recognizer", False):
         rec["identity_model"] = getattr(analyzer, "identity_kind", "arcface")
     if scorer is not None:
         rec["quality"] = float(scorer(_downscale(rgb, opts.quality_size)[0]))
@@ -233,9 +238,11 @@ def split_groups(groups: dict[int, list[int]], test_fraction: float, seed: int) 
 
 
 # ---------------------------------------------------------------- the build
-def _cache_key(opts: BuildOptions, quality_note: str, analyzer) -> str:
+def _cache_key(opts: BuildOptions, quality_note: str, analyzer, identity=None) -> str:
     keep = (opts.min_size, opts.aspect, opts.detect_size, opts.quality_size, quality_note,
             type(analyzer).__name__ if analyzer is not None else None)
+    if identity is not None:
+        keep += (identity.kind,)
     return hashlib.sha1(json.dumps(keep, default=str).encode()).hexdigest()[:12]
 
 
@@ -260,8 +267,10 @@ def _fresh(r: dict | None, p: Path) -> bool:
 
 
 def build_dataset(sources, out, opts: BuildOptions | None = None, analyzer=None, scorer="auto",
-                  progress: bool = True) -> dict:
-    """Build (or resume) the dataset in ``out``; returns the summary. See the module docstring."""
+                  progress: bool = True, identity=None) -> dict:
+    """Build (or resume) the dataset in ``out``; returns the summary. See the module docstring. ``identity``
+    (``faces.identity_net.IdentityEmbedder``): the identity network for the face embeddings, batched per
+    image; None: the analyzer's own recognizer."""
     from tqdm import tqdm
 
     opts = opts or BuildOptions()
@@ -274,13 +283,13 @@ def build_dataset(sources, out, opts: BuildOptions | None = None, analyzer=None,
         q_note = "custom scorer" if scorer is not None else "quality rule disabled"
     if scorer is None:
         log.warning(q_note)
-    key = _cache_key(opts, q_note, analyzer)
+    key = _cache_key(opts, q_note, analyzer, identity)
     cache_path = out / "cache.jsonl"
     cache = _load_cache(cache_path, key)
     todo = [p for p in files if not _fresh(cache.get(str(p)), p)]
     with cache_path.open("a") as fh:
         for p in tqdm(todo, desc="analysing images", disable=not progress or not todo):
-            rec = {**analyse_image(p, opts, analyzer, scorer), "key": key}
+            rec = {**analyse_image(p, opts, analyzer, scorer, identity), "key": key}
             if rec.get("reject") == "corrupt":
                 log.warning("skipping %s: %s", p, rec["detail"])
             fh.write(json.dumps(rec) + "\n")

@@ -100,6 +100,9 @@ class ArcFaceIdentity(nn.Module):
     Input: aligned 112x112 RGB crops in [-1, 1]. Output: L2-normalised embeddings.
     """
 
+    crop_size = 112
+    name = "facexlib ArcFace IR-SE50 (recognition_arcface_ir_se50.pth)"
+
     def __init__(self, weights: str | Path | None = None, tiny: bool = False, seed: int = 0):
         super().__init__()
         if tiny:
@@ -125,6 +128,52 @@ class ArcFaceIdentity(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.net(x.float()), dim=1)
+
+
+class DlibIdentity(nn.Module):
+    """Frozen dlib face-recognition ResNet in torch (``faces.load_identity_network("dlib")``), differentiable;
+    public domain weights from ``face-recognition-models``. Input: 150x150 RGB chips in [-1, 1] on dlib's chip
+    (``align_from_arcface`` maps ArcFace-template alignments onto it). Output: L2-normalised descriptors.
+
+    dlib's cosines are squeezed near 1 (strangers ~0.8-0.9, see faces/identity.py), so ``1 - cos`` spans about a
+    fifth of ArcFace's range at the same weight."""
+
+    crop_size = 150
+    name = "dlib_face_recognition_resnet_model_v1 (torch port; public domain)"
+
+    def __init__(self, model_root=None):
+        super().__init__()
+        from ..faces.align import estimate_similarity
+        from ..faces.identity_net import chip_template, load_identity_network
+
+        self.net = load_identity_network("dlib", model_root)
+        # ArcFace 112 template -> dlib chip, fitted on eyes and nose (the points dlib measures)
+        m = estimate_similarity(ARCFACE_TEMPLATE[:3], chip_template(self.crop_size)[:3])
+        self.register_buffer("from_arcface", torch.tensor(np.vstack([m, [0, 0, 1]]), dtype=torch.float32),
+                             persistent=False)
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def align_from_arcface(self, mats: torch.Tensor) -> torch.Tensor:
+        """Nx2x3 image -> ArcFace-112 matrices -> Nx2x3 image -> dlib-chip matrices."""
+        full = torch.cat([mats.float(), mats.new_tensor([0.0, 0.0, 1.0]).float().expand(mats.shape[0], 1, 3)], 1)
+        return (self.from_arcface.to(mats.device) @ full)[:, :2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.net((x.float() + 1) * 127.5), dim=1)
+
+
+def load_identity_loss_net(choice: str = "auto", arcface_weights=None, tiny: bool = False) -> nn.Module:
+    """The identity network of the face-identity loss: ``auto`` takes facexlib's ArcFace IR-SE50 when its
+    weights file is present, else dlib's ResNet (public domain); ``tiny``: a small random ArcFace (tests)."""
+    if tiny:
+        return ArcFaceIdentity(tiny=True)
+    if choice not in ("auto", "arcface", "dlib"):
+        raise ValueError(f"losses.identity_net must be auto, arcface or dlib, not {choice!r}.")
+    if choice == "arcface" or (choice == "auto" and arcface_weights and Path(arcface_weights).is_file()):
+        return ArcFaceIdentity(arcface_weights)
+    return DlibIdentity()
 
 
 class PatchDiscriminator(nn.Module):
@@ -197,10 +246,13 @@ class FaceLosses(nn.Module):
         if self.w["face_lpips"] and self.lpips is not None:
             out["face_lpips"] = self.lpips(sr_c, gt_c) * self.w["face_lpips"]
         if self.w["face_id"] and self.arcface is not None:
-            idx = boxes[:, 0]
-            e_sr = self.arcface(align_faces(sr, idx, faces["align"]))
+            idx, mats = boxes[:, 0], faces["align"]
+            size = getattr(self.arcface, "crop_size", 112)
+            if hasattr(self.arcface, "align_from_arcface"):  # a network with its own chip (dlib)
+                mats = self.arcface.align_from_arcface(mats.to(sr.device))
+            e_sr = self.arcface(align_faces(sr, idx, mats, size))
             with torch.no_grad():
-                e_gt = self.arcface(align_faces(gt, idx, faces["align"]))
+                e_gt = self.arcface(align_faces(gt, idx, mats, size))
             out["face_id"] = (1.0 - (e_sr * e_gt).sum(dim=1)).mean() * self.w["face_id"]
         if self.w["face_adv"] and self.disc is not None:
             self.disc.requires_grad_(False)  # the generator step must not update D

@@ -217,7 +217,7 @@ class Trainer:
 
     def _build_losses(self):
         from ..degradations import RealESRGANDegradation, load_degradation_config
-        from .losses import ArcFaceIdentity, LPIPSLoss, PatchDiscriminator
+        from .losses import LPIPSLoss, PatchDiscriminator, load_identity_loss_net
 
         lc, plan = self.cfg["losses"], stage_plan(self.cfg)
         self.degrade = RealESRGANDegradation(load_degradation_config(self.cfg["data"].get("degradation"),
@@ -225,8 +225,11 @@ class Trainer:
         need_lpips = any(st["losses"]["lpips"] or st["losses"]["face_lpips"] for st in plan)
         self.lpips = LPIPSLoss(lc["lpips_net"], lc["lpips_backbone"], random=lc["lpips_random"]) if need_lpips \
             else None
-        self.arcface = (ArcFaceIdentity(lc["arcface_weights"], tiny=lc["arcface_tiny"])
+        self.arcface = (load_identity_loss_net(lc.get("identity_net", "auto"), lc["arcface_weights"],
+                                               tiny=lc["arcface_tiny"])
                         if any(st["losses"]["face_id"] for st in plan) else None)
+        if self.arcface is not None:  # say which identity network (and licence) the identity loss uses
+            log.info("identity loss network: %s", getattr(self.arcface, "name", "tiny random ArcFace (tests)"))
         self.disc = PatchDiscriminator(lc["disc_channels"]) if any(st["losses"]["face_adv"] for st in plan) else None
         dev = self.acc.device
         for m in (self.lpips, self.arcface):
