@@ -123,9 +123,14 @@ class HeadsUpUpscale(io.ComfyNode):
         if mask is None:
             mask = torch.zeros(out.shape[0], 1, out.shape[1], out.shape[2])
         mask = mask.to(device=device, dtype=torch.float32).squeeze(1)
-        lines = []
-        if references and pipe.reference_unused_reason():
+        in_use = getattr(pipe, "conditioning_in_use", None)  # a core HeadsUpPipeline has it
+        lines, used = [], in_use() if in_use is not None else {"reference": True, "mask": True}
+        if references and not used["reference"]:
             lines.append(f"reference ignored: {info['reference_note']}")
+            log.info("HeadsUp: %s", lines[-1])
+        if analyzer is not None and not (used["mask"] or (references and used["reference"])):
+            # the pipeline skipped face analysis: neither a mask nor a reference can reach these weights
+            lines.append("face mask not computed: the weights' mask input channel of conv_in is zero")
             log.info("HeadsUp: %s", lines[-1])
         elif analyzer is not None:
             from headsup_core.faces import format_assignments

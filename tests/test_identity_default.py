@@ -41,7 +41,7 @@ def test_identity_loss_network_choice(tmp_path):
 def test_dlib_identity_loss_is_differentiable_and_matches_the_embedder(scene):
     from headsup_core.train.losses import DlibIdentity, FaceLosses, face_align_matrix
 
-    analyzer, embedder, img, faces = scene
+    _, embedder, img, faces = scene
     crop = img[:448, :640]  # three of the six faces, full resolution
     kept = [f for f in faces if f.bbox[2] < 640 and f.bbox[3] < 448]
     assert len(kept) >= 2
@@ -70,7 +70,7 @@ def test_eval_id_similarity_uses_the_torch_network_and_names_it(scene):
     from headsup_core.eval.metrics import face_metrics
 
     analyzer, embedder, img, faces = scene
-    means, rows = face_metrics(img, img, analyzer, gt_faces=faces, identity=embedder)
+    means, _ = face_metrics(img, img, analyzer, gt_faces=faces, identity=embedder)
     assert means["faces"] == 6 and means["id_sim"] == pytest.approx(1.0, abs=1e-5)
     noisy = np.clip(img.astype(np.int16) + np.random.default_rng(0).integers(-40, 40, img.shape), 0, 255)
     means2, _ = face_metrics(noisy.astype(np.uint8), img, analyzer, gt_faces=faces, identity=embedder)

@@ -201,6 +201,7 @@ def test_osediff_weights_say_the_reference_is_ignored(pack, faces, caplog):
     image, mask = out.result
     assert torch.equal(image, plain) and float(mask.abs().max()) == 0
     assert "reference ignored" in out.ui["text"][0] and "conv_in" in out.ui["text"][0]
+    assert "face mask not computed" in out.ui["text"][1]
     assert "reference ignored" in caplog.text and "similarity" not in caplog.text
     tip = {i.id: i for i in pack.nodes["HeadsUpUpscale"].GET_SCHEMA().inputs}["reference"].tooltip
     assert "OSEDiff" in tip and "ignore" in tip

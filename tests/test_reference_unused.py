@@ -70,7 +70,7 @@ def test_osediff_reference_is_ignored_once_with_no_face_work(tiny_models, setup,
     plain = pipe.upscale(lq, scale=2)
     with caplog.at_level(logging.WARNING, logger="headsup"):
         out, info = pipe.upscale(lq, scale=2, reference=[tom], face_analyzer=spy, return_info=True)
-        again, info2 = pipe.upscale(lq, scale=2, reference=[tom], face_analyzer=spy, return_info=True)
+        again, _ = pipe.upscale(lq, scale=2, reference=[tom], face_analyzer=spy, return_info=True)
     assert np.array_equal(out, plain) and np.array_equal(again, plain)
     assert spy.calls == 0  # no detection, no matching, no reference identity
     assert info["reference_used"] is False and "conv_in" in info["reference_note"]

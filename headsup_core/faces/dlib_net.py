@@ -130,7 +130,7 @@ def _layer(r: _Reader) -> dict:
     if kind == "fc":
         n_out, n_in = r.int(), r.int()
         params = r.tensor().ravel()
-        w, _b = r.alias(), r.alias()
+        r.alias(), r.alias()  # weights and biases views: (n_in, n_out) and (1, n_out)
         bias_mode = r.int()
         for _ in range(4):
             r.float()
