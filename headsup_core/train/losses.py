@@ -106,6 +106,7 @@ class ArcFaceIdentity(nn.Module):
     def __init__(self, weights: str | Path | None = None, tiny: bool = False, seed: int = 0):
         super().__init__()
         if tiny:
+            self.name = "tiny random ArcFace (tests and toy runs only)"
             with torch.random.fork_rng():
                 torch.manual_seed(seed)
                 self.net = tiny_arcface()

@@ -229,7 +229,7 @@ class Trainer:
                                                tiny=lc["arcface_tiny"])
                         if any(st["losses"]["face_id"] for st in plan) else None)
         if self.arcface is not None:  # say which identity network (and licence) the identity loss uses
-            log.info("identity loss network: %s", getattr(self.arcface, "name", "tiny random ArcFace (tests)"))
+            log.info("identity loss network: %s", self.arcface.name)
         self.disc = PatchDiscriminator(lc["disc_channels"]) if any(st["losses"]["face_adv"] for st in plan) else None
         dev = self.acc.device
         for m in (self.lpips, self.arcface):
@@ -303,6 +303,8 @@ class Trainer:
                 "degradation": "realesrgan-second-order", "ref_dropout": self.cfg["data"]["ref_dropout"],
                 "losses": json.dumps({k: v for k, v in self.cfg["losses"].items() if isinstance(v, (int, float))}),
                 "lora_targets_from": "headsup_core.lora.add_osediff_adapters"}
+        if self.arcface is not None:  # which identity network supervised the faces (and its licence)
+            meta["identity_loss_network"] = self.arcface.name
         if self.acc.is_main_process:
             save_headsup_checkpoint(path, model.unet, model.vae, meta, prompt_embeds=self.prompt_embeds.cpu())
         return path
