@@ -103,13 +103,13 @@ def cmd_upscale(args) -> int:
         args.reference = []
     # faces are analysed only when a face mask or a reference can reach the UNet
     analyzer = _load_face_analyzer(args, root) if used["mask"] or args.reference else None
-    references = [load_image(r) for r in args.reference] if args.reference else None
+    references = [load_image(r, args.max_pixels) for r in args.reference] if args.reference else None
     if references:
         from .faces import encode_reference
 
         references = [encode_reference([img], analyzer) for img in references]
     for src, dst in zip(files, outputs):
-        image = load_image(src)
+        image = load_image(src, args.max_pixels)
         bar = tqdm(total=1, desc=src.name, unit="tile", leave=False, disable=args.quiet)
 
         def progress(done, total, bar=bar):
@@ -215,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tiled VAE statistics: exact = whole-image GroupNorm statistics pooled over all tiles "
                     "(default), fast = estimated from a small preview (cheaper, visibly less exact)")
     up.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    up.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                    help="refuse inputs above N pixels, Pillow's decompression-bomb guard (default "
+                    "$HEADSUP_MAX_PIXELS, else 89478485)")
     up.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     up.set_defaults(func=cmd_upscale)
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .errors import InputImageError
+from .files.read import load_image  # noqa: F401 - re-exported: the file loader lives in files/
 
 MAX_SIDE = 65536  # a sanity cap: larger sides are almost certainly corrupt headers
 
@@ -28,23 +29,6 @@ class ImageBatch:
     @property
     def size(self) -> tuple[int, int]:
         return int(self.rgb.shape[-2]), int(self.rgb.shape[-1])
-
-
-def load_image(path: str | os.PathLike):
-    """Open an image file fully (so errors surface here, not later) and return a PIL image."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise InputImageError(f"Image file not found: {path}")
-    if os.path.isdir(path):
-        raise InputImageError(f"Expected an image file but got a folder: {path}")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise InputImageError(f"Cannot read image {path}: {err}. Use a PNG, JPEG, WebP or TIFF file.") from None
 
 
 def _check_size(h: int, w: int) -> None:
