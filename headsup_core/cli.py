@@ -4,46 +4,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 from pathlib import Path
 
 from .choices import COLOR_FIX_MODES, VAE_TILING_MODES, WEIGHT_DTYPE_CHOICES
 from .errors import HeadsUpError, InputImageError, InterruptedByUser
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 EXTENSION_MODULES = ("headsup_core.train.cli", "headsup_core.eval.cli")
 log = logging.getLogger("headsup")
-
-
-def _expand_inputs(inputs: list[str]) -> list[Path]:
-    files: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        elif p.exists():
-            files.append(p)
-        else:
-            raise InputImageError(f"Input not found: {p}")
-    if not files:
-        raise InputImageError(f"No images found in {', '.join(inputs)} (looked for {', '.join(IMAGE_SUFFIXES)}).")
-    return files
-
-
-def _output_paths(files: list[Path], out: str, scale: float, overwrite: bool) -> list[Path]:
-    target = Path(out)
-    if len(files) == 1 and target.suffix.lower() in IMAGE_SUFFIXES:
-        paths = [target]
-    else:
-        if target.suffix.lower() in IMAGE_SUFFIXES:
-            raise InputImageError(f"{len(files)} inputs need an output folder, but -o {out} names a file.")
-        tag = f"{scale:g}".replace(".", "p")
-        paths = [target / f"{f.stem}_headsup_x{tag}.png" for f in files]
-    if not overwrite:
-        clash = [p for p in paths if p.exists()]
-        if clash:
-            raise InputImageError(f"{clash[0]} already exists; pass --overwrite to replace it.")
-    return paths
 
 
 def _load_face_analyzer(args, root: Path):
@@ -75,62 +44,120 @@ def _load_face_analyzer(args, root: Path):
     return load_face_analyzer(backend, model_root=folder, pack=args.face_pack, device=args.device)
 
 
+def _check_file_options(args) -> None:
+    for name in ("jpeg_quality", "webp_quality"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value <= 100:
+            raise InputImageError(f"--{name.replace('_', '-')} must be between 0 and 100, got {value}.")
+    if args.max_pixels is not None and args.max_pixels < 1:
+        raise InputImageError(f"--max-pixels must be a whole number above 0, got {args.max_pixels}.")
+
+
+def _upscale_one(job, pipe, options, references, analyzer, args, stop) -> None:
+    """Read, upscale and write one file; the tile bar is this file's."""
+    from tqdm import tqdm
+
+    from .files.read import read_photo
+    from .files.write import save_photo
+    from .memory import upscale_with_retry
+
+    photo = read_photo(job.src, args.max_pixels)
+    bar = tqdm(total=1, desc=job.src.name, unit="tile", leave=False, disable=args.quiet, position=1)
+
+    def progress(done, total):
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        result, info = upscale_with_retry(pipe, photo.pixels, options=options, reference=references,
+                                          face_analyzer=analyzer, progress=progress, interrupt=stop.pending,
+                                          return_info=True)
+    finally:
+        bar.close()
+    save_photo(result, job.dst, photo.meta, jpeg_quality=args.jpeg_quality, webp_quality=args.webp_quality,
+               keep_gps=args.keep_gps)
+    t = info["timings"][0]
+    faces = info["assignments"][0]
+    note = f", {len(faces)} face(s)" if analyzer is not None else ""
+    for face in faces:
+        if face.get("reference_index") is not None:
+            note += f"; reference {face['reference_index']} -> face {face['face_index']} (sim {face['similarity']:.2f})"
+    if not args.quiet:
+        h, w = (result.shape[:2] if hasattr(result, "shape") else (result.height, result.width))
+        tqdm.write(f"{job.src} -> {job.dst} ({w}x{h}; encode {t['encode_s']:.1f}s, unet "
+                   f"{t['unet_s']:.1f}s, decode {t['decode_s']:.1f}s{note})")
+
+
 def cmd_upscale(args) -> int:
     from tqdm import tqdm
 
-    from .imageio import load_image, save_image_atomic
+    from .batch import StopRequest, plan_jobs
+    from .imageio import load_image
     from .model_paths import find_weights, model_root, resolve_base
-    from .memory import upscale_with_retry
     from .options import UpscaleOptions
     from .pipeline import HeadsUpPipeline, check_scale
+    from .spill import remove_stale_spill_dirs
 
     scale = check_scale(args.scale)
-    files = _expand_inputs(args.inputs)
-    outputs = _output_paths(files, args.output, scale, args.overwrite)
-    root = model_root(args.models)
-    base = resolve_base(args.base, root, args.download)
-    weights = args.weights or find_weights(root)
+    _check_file_options(args)
     options = UpscaleOptions(scale=scale, prompt=args.prompt, tile_size=args.tile_size, color_fix=args.color_fix,
                              seed=args.seed, strength=args.strength, vae_tiling=args.vae_tiling,
                              memory_fraction=args.memory_fraction, memory_budget_mb=args.memory_budget_mb)
-    pipe = HeadsUpPipeline.from_files(base, weights, device=args.device, dtype=args.dtype,
-                                      sample_latent=args.sample_latent, weight_dtype=args.weight_dtype)
-    used = pipe.conditioning_in_use()
-    if args.reference and not used["reference"]:
-        note = pipe.note_reference_unused()  # said once; no face matching, no reference encode below
-        if not args.quiet:
-            print(f"reference ignored: {note}")
-        args.reference = []
-    # faces are analysed only when a face mask or a reference can reach the UNet
-    analyzer = _load_face_analyzer(args, root) if used["mask"] or args.reference else None
-    references = [load_image(r, args.max_pixels) for r in args.reference] if args.reference else None
-    if references:
-        from .faces import encode_reference
+    jobs = plan_jobs(args.inputs, args.output, scale, recursive=args.recursive, overwrite=args.overwrite,
+                     skip_existing=args.skip_existing, fmt=args.format)
+    single = len(jobs) == 1 and not any(Path(i).is_dir() for i in args.inputs)
+    todo = [job for job in jobs if not job.skip]
+    remove_stale_spill_dirs()
+    done, failed = 0, []
+    with StopRequest() as stop:
+        if todo:
+            root = model_root(args.models)
+            base = resolve_base(args.base, root, args.download)
+            weights = args.weights or find_weights(root)
+            pipe = HeadsUpPipeline.from_files(base, weights, device=args.device, dtype=args.dtype,
+                                              sample_latent=args.sample_latent, weight_dtype=args.weight_dtype)
+            used = pipe.conditioning_in_use()
+            if args.reference and not used["reference"]:
+                note = pipe.note_reference_unused()  # said once; no face matching, no reference encode below
+                if not args.quiet:
+                    print(f"reference ignored: {note}")
+                args.reference = []
+            # faces are analysed only when a face mask or a reference can reach the UNet
+            analyzer = _load_face_analyzer(args, root) if used["mask"] or args.reference else None
+            references = [load_image(r, args.max_pixels) for r in args.reference] if args.reference else None
+            if references:
+                from .faces import encode_reference
 
-        references = [encode_reference([img], analyzer) for img in references]
-    for src, dst in zip(files, outputs):
-        image = load_image(src, args.max_pixels)
-        bar = tqdm(total=1, desc=src.name, unit="tile", leave=False, disable=args.quiet)
-
-        def progress(done, total, bar=bar):
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
-        result, info = upscale_with_retry(pipe, image, options=options, reference=references,
-                                          face_analyzer=analyzer, progress=progress, return_info=True)
-        bar.close()
-        save_image_atomic(result, dst)
-        t = info["timings"][0]
-        faces = info["assignments"][0]
-        note = f", {len(faces)} face(s)" if analyzer is not None else ""
-        for face in faces:
-            if face.get("reference_index") is not None:
-                note += f"; reference {face['reference_index']} -> face {face['face_index']} (sim {face['similarity']:.2f})"
-        if not args.quiet:
-            print(f"{src} -> {dst} ({result.width}x{result.height}; encode {t['encode_s']:.1f}s, unet "
-                  f"{t['unet_s']:.1f}s, decode {t['decode_s']:.1f}s{note})")
-    return 0
+                references = [encode_reference([img], analyzer) for img in references]
+        outer = tqdm(total=len(todo), desc="images", unit="image", disable=args.quiet or len(todo) < 2, position=0)
+        for job in todo:
+            if stop.pending():
+                break
+            try:
+                _upscale_one(job, pipe, options, references, analyzer, args, stop)
+                done += 1
+            except InterruptedByUser:
+                if stop.pending():
+                    break
+                raise
+            except Exception as err:  # noqa: BLE001 - in a batch one bad file is reported and the rest go on
+                if single:
+                    raise
+                reason = str(err) if isinstance(err, HeadsUpError) else f"{type(err).__name__}: {err}"
+                failed.append(job.src)
+                tqdm.write(f"headsup: failed: {job.src}: {reason}", file=sys.stderr)
+            outer.update(1)
+        outer.close()
+    if stop.pending():
+        name = signal.Signals(stop.signum).name
+        print(f"headsup: stopped by {name} after {done} of {len(todo)} image(s); no partial output was left.",
+              file=sys.stderr)
+        return stop.exit_code
+    skipped = len(jobs) - len(todo)
+    if not single and (failed or not args.quiet):
+        print(f"headsup: {done} done, {skipped} skipped, {len(failed)} failed", file=sys.stderr if failed else sys.stdout)
+    return 1 if failed else 0
 
 
 def cmd_make_tiny(args) -> int:
@@ -215,6 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tiled VAE statistics: exact = whole-image GroupNorm statistics pooled over all tiles "
                     "(default), fast = estimated from a small preview (cheaper, visibly less exact)")
     up.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    up.add_argument("--skip-existing", action="store_true", help="leave inputs whose output exists (resume a run)")
+    up.add_argument("-r", "--recursive", action="store_true",
+                    help="also read sub-folders of input folders; outputs keep the relative paths")
+    up.add_argument("--format", default="png", metavar="EXT",
+                    help="output format for folder outputs: png (default), jpg, webp, tif, bmp or same (as the "
+                    "input); a single output file's format follows its extension")
+    up.add_argument("--jpeg-quality", type=int, default=None, metavar="Q",
+                    help="JPEG quality 0-100 (default 95, always 4:4:4 chroma)")
+    up.add_argument("--webp-quality", type=int, default=None, metavar="Q",
+                    help="lossy WebP at quality 0-100 (default: lossless)")
+    up.add_argument("--keep-gps", action="store_true", help="keep GPS location tags (dropped by default)")
     up.add_argument("--max-pixels", type=int, default=None, metavar="N",
                     help="refuse inputs above N pixels, Pillow's decompression-bomb guard (default "
                     "$HEADSUP_MAX_PIXELS, else 89478485)")

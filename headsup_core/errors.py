@@ -32,3 +32,7 @@ class FaceError(HeadsUpError, ValueError):
 
 class InterruptedByUser(HeadsUpError):
     """Processing was interrupted between tiles by the host application."""
+
+
+class OutputError(HeadsUpError, OSError):
+    """An output file cannot be written (no space left, no permission, unknown format)."""

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from .errors import InputImageError
-from .files.read import load_image  # noqa: F401 - re-exported: the file loader lives in files/
+from .files.read import load_image  # noqa: F401 - re-exported: file reading/writing live in files/
+from .files.write import save_image_atomic  # noqa: F401
 
 MAX_SIDE = 65536  # a sanity cap: larger sides are almost certainly corrupt headers
 
@@ -102,6 +103,7 @@ def to_batch(image: Any) -> ImageBatch:
         Image = None
     if Image is not None and isinstance(image, Image.Image):
         arr, meta = _pil_to_array(image)
+        meta["info"] = {k: image.info[k] for k in ("icc_profile", "exif", "xmp") if image.info.get(k)}
         rgb, alpha, m2 = _from_array(arr)
         meta.update(m2)
         return ImageBatch(rgb, alpha, "pil", meta)
@@ -164,6 +166,10 @@ def from_batch(rgb: torch.Tensor, alpha: torch.Tensor | None, like: ImageBatch):
         else:
             arr = np.round(x * 255.0).astype(np.uint8)
         return arr[:, :, 0] if arr.shape[2] == 1 and like.meta.get("ndim") == 2 else arr
+    return _carry_info(_to_pil(x, sixteen), like.meta.get("info", {}))
+
+
+def _to_pil(x: np.ndarray, sixteen: bool):
     from PIL import Image
 
     if sixteen and x.shape[2] == 1:
@@ -176,6 +182,22 @@ def from_batch(rgb: torch.Tensor, alpha: torch.Tensor | None, like: ImageBatch):
     return Image.fromarray(arr, "RGBA" if arr.shape[2] == 4 else "RGB")
 
 
+def _carry_info(out, info: dict):
+    """The input's ICC profile (sRGB for an untagged colour image), EXIF (Software set, pixel dimensions updated)
+    and XMP on a PIL result, so library users keep them when they save."""
+    from .files.meta import output_exif, srgb_icc
+
+    icc = info.get("icc_profile")
+    if icc is None and out.mode in ("RGB", "RGBA"):
+        icc = srgb_icc()
+    if icc:
+        out.info["icc_profile"] = icc
+    out.info["exif"] = output_exif(info.get("exif"), out.size, keep_gps=True)
+    if info.get("xmp"):
+        out.info["xmp"] = info["xmp"]
+    return out
+
+
 def to_uint8_rgb(image: Any) -> np.ndarray:
     """Any single accepted image -> HxWx3 uint8 RGB (for face detection and previews)."""
     batch = to_batch(image)
@@ -186,24 +208,3 @@ def tensor_to_uint8(rgb: torch.Tensor) -> list[np.ndarray]:
     """Bx3xHxW 0..1 -> list of HxWx3 uint8 arrays."""
     x = (rgb.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [np.ascontiguousarray(a) for a in x]
-
-
-def save_image_atomic(image, path: str | os.PathLike) -> None:
-    """Write an image to a temporary file next to ``path`` and rename it, so no partial file is ever left."""
-    import tempfile
-
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    ext = os.path.splitext(path)[1].lower() or ".png"
-    fd, tmp = tempfile.mkstemp(prefix=".headsup-", suffix=ext, dir=folder)
-    os.close(fd)
-    try:
-        if ext in (".jpg", ".jpeg") and image.mode in ("RGBA", "LA", "I;16"):
-            image = image.convert("RGB")
-        image.save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

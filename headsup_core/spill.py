@@ -9,7 +9,8 @@ page cache is the OS's business). ``ram_budget=None`` keeps everything in RAM.
 Files live in one ``tempfile.TemporaryDirectory`` (``tempfile``'s default place, or env ``HEADSUP_SPILL_DIR``),
 created at the first spill; each file is removed when its slot is taken, and ``close()`` (or leaving the ``with``
 block, also on an exception or interrupt) removes the directory. A process killed outright (SIGKILL, or SIGTERM
-with Python's default handler) runs no cleanup and leaves its ``headsup-spill-*`` directory behind.
+with Python's default handler) runs no cleanup and leaves its ``headsup-spill-<pid>-*`` directory behind;
+``remove_stale_spill_dirs()`` (run by the CLI at start) removes those whose process is gone.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from .devices import version_counter
 from .errors import HeadsUpError
 
 ENV_SPILL_DIR = "HEADSUP_SPILL_DIR"
+SPILL_PREFIX = "headsup-spill-"
 
 
 class SpillSpaceError(HeadsUpError, OSError):
@@ -35,6 +37,37 @@ class SpillSpaceError(HeadsUpError, OSError):
 def spill_dir() -> str | None:
     """The parent of the spill directory: env ``HEADSUP_SPILL_DIR``, else ``tempfile``'s default (``None``)."""
     return os.environ.get(ENV_SPILL_DIR) or None
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # another user's live process, or a platform without signal 0
+        return True
+    return True
+
+
+def remove_stale_spill_dirs() -> list[str]:
+    """Remove ``headsup-spill-<pid>-*`` directories whose process no longer runs; returns those removed."""
+    parent = spill_dir() or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(SPILL_PREFIX):
+            continue
+        pid = name[len(SPILL_PREFIX):].split("-", 1)[0]
+        path = os.path.join(parent, name)
+        if pid.isdigit() and not _pid_alive(int(pid)) and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 class _Blob:
@@ -136,7 +169,7 @@ class SpillStore:
 
     def _write(self, blob: _Blob, t: torch.Tensor) -> None:
         if self._tmp is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="headsup-spill-", dir=spill_dir())
+            self._tmp = tempfile.TemporaryDirectory(prefix=f"{SPILL_PREFIX}{os.getpid()}-", dir=spill_dir())
         self._count += 1
         path = os.path.join(self._tmp.name, f"{self._count}.bin")
         # The storage places the tensor covers, in storage order (as_strided keeps its offset), as raw bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import struct
 import zlib
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -48,3 +49,79 @@ def test_pixel_limit_is_the_same_in_the_library_and_can_be_raised(tmp_path, monk
         load_image(img)
     assert load_image(img, max_pixels=1200).size == (40, 30)
     assert Image.MAX_IMAGE_PIXELS == 89_478_485  # Pillow's guard is left as it was
+
+
+def _exif(orientation: int = 6, gps: bool = True) -> bytes:
+    exif = Image.Exif()
+    exif[0x010F] = "PhoneCo"
+    exif[0x0112] = orientation
+    exif[0x8769] = {0x9003: "2024:01:02 03:04:05"}
+    if gps:
+        exif[0x8825] = {1: "N", 2: (52.0, 31.0, 12.5)}
+    return exif.tobytes()
+
+
+def _marked(w: int = 30, h: int = 20) -> Image.Image:
+    """Red left half, blue right half, a green top-left corner: any turn or flip is visible."""
+    im = Image.new("RGB", (w, h), (200, 0, 0))
+    im.paste((0, 0, 200), (w // 2, 0, w, h))
+    im.paste((0, 200, 0), (0, 0, 4, 4))
+    return im
+
+
+def test_exif_orientation_is_applied_on_load_and_reset(tmp_path):
+    from PIL import ImageOps
+
+    from headsup_core.files import read_photo
+    from headsup_core.imageio import load_image
+
+    src = tmp_path / "phone.jpg"
+    _marked().save(src, exif=_exif(6), quality=98, subsampling=0)
+    expected = ImageOps.exif_transpose(Image.open(src))
+    for image in (read_photo(src).pixels, load_image(src)):
+        assert image.size == (20, 30)
+        assert abs(np.asarray(image, np.int16) - np.asarray(expected, np.int16)).max() == 0
+        exif = Image.Exif()
+        exif.load(image.info["exif"])
+        assert exif[0x0112] == 1 and exif[0x010F] == "PhoneCo"
+
+
+def test_sixteen_bit_png_is_read_exactly(tmp_path):
+    from headsup_core.files import read_photo
+    from headsup_core.files.deep import png16_bytes
+
+    rng = np.random.default_rng(0)
+    for channels in (3, 4):
+        arr = rng.integers(0, 65536, size=(17, 23, channels), dtype=np.uint16)
+        arr[..., 0] = np.linspace(0, 65535, 23, dtype=np.uint16)  # smooth rows too
+        path = tmp_path / f"c{channels}.png"
+        path.write_bytes(png16_bytes(arr, None))
+        photo = read_photo(path)
+        assert photo.meta.bits == 16 and photo.pixels.dtype == np.uint16
+        assert np.array_equal(photo.pixels, arr)
+        with Image.open(path) as im:  # Pillow's own read keeps the high bytes: the file is a normal PNG
+            assert np.array_equal(np.asarray(im), (arr >> 8).astype(np.uint8))
+
+
+def test_sixteen_bit_tiff_is_read_as_sixteen_bit(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    from headsup_core.files import read_photo
+
+    arr = np.random.default_rng(1).integers(0, 65536, size=(9, 11, 3), dtype=np.uint16)
+    path = tmp_path / "camera.tif"
+    tifffile.imwrite(path, arr, photometric="rgb", extratags=[(34675, "B", 4, b"icc!", True)])
+    photo = read_photo(path)
+    assert photo.meta.bits == 16 and np.array_equal(photo.pixels, arr)
+
+
+def test_animated_image_gives_the_first_frame_and_one_notice(tmp_path, caplog):
+    from headsup_core.files import read_photo
+
+    path = tmp_path / "anim.gif"
+    frames = [Image.new("RGB", (12, 10), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=50, loop=0)
+    with caplog.at_level("WARNING", logger="headsup"):
+        photo = read_photo(path)
+    assert np.asarray(photo.pixels.convert("RGB"))[0, 0].tolist() == [255, 0, 0]
+    notes = [r for r in caplog.records if "3 frames" in r.getMessage()]
+    assert len(notes) == 1 and "only the first" in notes[0].getMessage()
