@@ -147,3 +147,17 @@ def test_library_upscale_keeps_icc_and_exif(tiny_pipe):
     assert exif[0x010F] == "PhoneCo" and exif[0x0131].startswith("HeadsUp")
     plain = tiny_pipe.upscale(Image.new("RGB", (10, 8)), scale=2)
     assert "sRGB" in icc_description(plain.info["icc_profile"]) and plain.info["exif"]
+
+
+def test_wide_gamut_input_is_retagged_not_converted(tmp_path, tiny_models):
+    """docs/files_and_colour.md: re-tagging gave the smaller colour error, so a P3 file's code values go to the
+    model unchanged and its profile comes back on the output."""
+    pixels = np.random.default_rng(3).integers(0, 256, size=(12, 12, 3), dtype=np.uint8)
+    icc = matrix_trc_profile(DISPLAY_P3)
+    Image.fromarray(pixels).save(tmp_path / "p3.png", icc_profile=icc)
+    Image.fromarray(pixels).save(tmp_path / "plain.png")
+    _run(tiny_models, tmp_path / "p3.png", tmp_path / "p3_out.png")
+    _run(tiny_models, tmp_path / "plain.png", tmp_path / "plain_out.png")
+    with Image.open(tmp_path / "p3_out.png") as p3, Image.open(tmp_path / "plain_out.png") as plain:
+        assert p3.info["icc_profile"] == icc and "sRGB" in icc_description(plain.info["icc_profile"])
+        assert np.array_equal(np.asarray(p3), np.asarray(plain))
