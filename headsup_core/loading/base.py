@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import MissingModelError, WeightsError
+from .finite import check_all_finite
 from .surgery import widen_conv_in  # noqa: F401 - re-exported (conv_in surgery lives in surgery.py)
 from .text_encoder import TEXT_PREFIXES, check_text_tower, single_file_text_loader, text_config, text_layout
 
@@ -82,12 +83,15 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
                 meta = dict(f.metadata() or {})
                 for key in f.keys():
                     tensors[key] = f.get_tensor(key)
-            return tensors, meta
         except (SafetensorError, OSError, ValueError, RuntimeError) as err:
             raise WeightsError(
                 f"The safetensors file {path} is corrupt or truncated ({err}); download or copy it again."
             ) from None
-    return _torch_load_safely(path), {}
+        check_all_finite(tensors, path)
+        return tensors, meta
+    state = _torch_load_safely(path)
+    check_all_finite(state, path)
+    return state, {}
 
 
 def _torch_load_safely(path: str) -> dict:

@@ -16,6 +16,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..errors import WeightsError
+from .finite import check_finite
 
 CHUNK_BYTES = 512 << 20  # source bytes read per opening of the memory map
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -71,6 +72,7 @@ class SingleFile:
         out: dict[str, torch.Tensor] = {}
 
         def take(key: str, t: torch.Tensor) -> None:
+            check_finite(key, t, self.path)
             want = dtype_rule(key, t.dtype) if (dtype_rule and t.is_floating_point()) else None
             name = key[len(strip_prefix):] if strip_prefix and key.startswith(strip_prefix) else key
             out[name] = t.to(dtype=want or t.dtype, copy=True)

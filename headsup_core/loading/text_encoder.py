@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import MissingModelError, WeightsError
+from .finite import check_all_finite
 
 log = logging.getLogger("headsup")
 TEXT_PREFIXES = {"ldm": "cond_stage_model.model.", "sgm": "conditioner.embedders.0.model."}
@@ -133,6 +134,20 @@ def prompt_length(tokenizer, encoder) -> int:
 
 
 def tokenize(tokenizer, text: str, max_length: int = MAX_LENGTH) -> torch.Tensor:
+    """``max_length`` token ids; a longer prompt is cut to the text encoder's length, with one warning saying so."""
+    from transformers.utils import logging as tlog
+
+    level = tlog.get_verbosity()
+    tlog.set_verbosity_error()  # its own "sequence length is longer" notice would be a second warning
+    try:
+        ids = tokenizer(text, add_special_tokens=False, truncation=False).input_ids
+    finally:
+        tlog.set_verbosity(level)
+    if len(ids) + 2 > max_length:  # + the start and end tokens
+        dropped = tokenizer.decode(ids[max_length - 2:]).strip()
+        logging.getLogger("headsup").warning(
+            "headsup: the prompt has %d tokens but the text encoder reads at most %d, so its end is ignored: %r.",
+            len(ids) + 2, max_length, dropped if len(dropped) <= 60 else "..." + dropped[-57:])
     return tokenizer(text, max_length=max_length, padding="max_length", truncation=True,
                      return_tensors="pt").input_ids
 
@@ -272,5 +287,6 @@ def single_file_text_loader(path: str, layout: str, tensors: dict | None = None,
 
             with safe_open(path, framework="pt", device="cpu") as f:
                 sd = {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+            check_all_finite(sd, path)
         return sd2_tokenizer(), convert_text_encoder(sd, layout, path, config_override)
     return load
