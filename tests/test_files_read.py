@@ -125,3 +125,29 @@ def test_animated_image_gives_the_first_frame_and_one_notice(tmp_path, caplog):
     assert np.asarray(photo.pixels.convert("RGB"))[0, 0].tolist() == [255, 0, 0]
     notes = [r for r in caplog.records if "3 frames" in r.getMessage()]
     assert len(notes) == 1 and "only the first" in notes[0].getMessage()
+
+
+def test_sixteen_bit_tiff_without_tifffile_is_read_as_eight_bit_with_a_notice(tmp_path, monkeypatch, caplog):
+    tifffile = pytest.importorskip("tifffile")
+    from headsup_core.files import deep, read
+
+    arr = np.full((6, 7, 3), 40000, np.uint16)
+    path = tmp_path / "camera.tif"
+    tifffile.imwrite(path, arr, photometric="rgb")
+    monkeypatch.setattr(read, "have_tifffile", lambda: False)
+    monkeypatch.setattr(deep, "have_tifffile", lambda: False)
+    with caplog.at_level("WARNING", logger="headsup"):
+        photo = read.read_photo(path)
+    assert photo.meta.bits == 8 and photo.pixels.size == (7, 6)
+    assert any("pip install tifffile" in r.getMessage() for r in caplog.records)
+
+
+def test_cmyk_is_converted_to_srgb_and_tagged(tmp_path):
+    from headsup_core.files import read_photo
+    from headsup_core.files.meta import icc_description
+
+    path = tmp_path / "print.jpg"
+    Image.new("CMYK", (9, 7), (0, 255, 255, 0)).save(path)
+    photo = read_photo(path)
+    assert photo.pixels.mode == "RGB" and "sRGB" in icc_description(photo.meta.icc_profile)
+    assert photo.pixels.getpixel((4, 3))[0] > 200 and photo.pixels.getpixel((4, 3))[1] < 60

@@ -79,6 +79,12 @@ def png16_bytes(arr: np.ndarray, meta: FileMeta | None) -> bytes:
     return b"".join(out)
 
 
+def have_tifffile() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tifffile") is not None
+
+
 def _tifffile():
     try:
         import tifffile

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputImageError
-from .deep import png16_rawmode, read_png16, read_tiff16, tiff16_rgb
+from .deep import have_tifffile, png16_rawmode, read_png16, read_tiff16, tiff16_rgb
 from .meta import FileMeta, exif_orientation, icc_colour_space, meta_from_pil, srgb_icc, transpose_array
 
 log = logging.getLogger("headsup")
@@ -165,9 +165,12 @@ def read_photo(path: str | os.PathLike, max_pixels: int | None = None) -> Photo:
                 meta.notes.append(note)
             if deep == "png":
                 pixels = read_png16(lambda: open_checked(path, max_pixels))
-            elif deep == "tiff":
+            elif deep == "tiff" and have_tifffile():
                 pixels = read_tiff16(path)
             else:
+                if deep == "tiff":
+                    log.warning("headsup: %s is a 16-bit TIFF, read as 8-bit: pip install tifffile to keep 16 bits.",
+                                path)
                 im.load()
                 pixels = im.copy()
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error) as err:

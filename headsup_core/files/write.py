@@ -15,7 +15,7 @@ from dataclasses import replace
 import numpy as np
 
 from ..errors import OutputError
-from .deep import png16_bytes, write_tiff16
+from .deep import have_tifffile, png16_bytes, write_tiff16
 from .meta import XMP_PNG_KEY, FileMeta, clean_xmp, output_exif, software_name, srgb_icc
 
 log = logging.getLogger("headsup")
@@ -91,8 +91,10 @@ def _write(image, tmp: str, fmt: str, meta: FileMeta, jpeg_quality: int, webp_qu
             fh.write(png16_bytes(image, meta))
         return
     if isinstance(image, np.ndarray) and fmt == "TIFF":
-        write_tiff16(image, tmp, meta)
-        return
+        if have_tifffile():
+            write_tiff16(image, tmp, meta)
+            return
+        log.warning("headsup: writing an 8-bit TIFF: pip install tifffile to keep 16 bits (or save as .png).")
     if fmt not in ("PNG", "TIFF"):
         image = _to_8bit(image)
     elif isinstance(image, np.ndarray):
