@@ -127,3 +127,28 @@ def test_spill_folder_names_carry_the_pid(tmp_path, monkeypatch):
         assert Path(store.directory).name.startswith(f"headsup-spill-{os.getpid()}-")
         slot.take()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_real_sigterm_mid_spill_leaves_nothing(tmp_path, tiny_models):
+    """A separate process, a real SIGTERM while the exact tiled VAE has spilled to disk: exit 143, no spill
+    folder, no output, no temporary file."""
+    import time
+
+    spill, out = tmp_path / "spill", tmp_path / "out"
+    spill.mkdir()
+    Image.effect_noise((256, 256), 40).convert("RGB").save(tmp_path / "in.png")
+    env = dict(os.environ, HEADSUP_SPILL_DIR=str(spill), OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-m", "headsup_core.cli", "upscale", str(tmp_path / "in.png"), "-o",
+                             str(out / "o.png"), "--scale", "2", "--memory-budget-mb", "1", "--tile-size", "64"]
+                            + _models(tiny_models), env=env, stderr=subprocess.PIPE, text=True)
+    start = time.time()
+    while proc.poll() is None and not list(spill.iterdir()) and time.time() - start < 600:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it spilled"
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    assert list(spill.iterdir()) == [] and not out.exists()
