@@ -47,6 +47,10 @@ def expand_inputs(inputs: list[str], recursive: bool = False) -> list[tuple[Path
     return files
 
 
+def _suffix(src: Path, ext: str) -> str:
+    return src.suffix.lower() if ext == ".same" else ext
+
+
 def plan_jobs(inputs: list[str], out: str, scale: float, *, recursive: bool = False, overwrite: bool = False,
               skip_existing: bool = False, fmt: str = "png") -> list[Job]:
     """One job per input; an existing output is an error unless ``overwrite`` or ``skip_existing``."""
@@ -61,7 +65,7 @@ def plan_jobs(inputs: list[str], out: str, scale: float, *, recursive: bool = Fa
         if target.suffix.lower() in IMAGE_SUFFIXES:
             raise InputImageError(f"{len(files)} inputs need an output folder, but -o {out} names a file.")
         tag = f"{scale:g}".replace(".", "p")
-        jobs = [Job(src, target / rel.parent / f"{rel.stem}_headsup_x{tag}{src.suffix.lower() if ext == '.same' else ext}")
+        jobs = [Job(src, target / rel.parent / f"{rel.stem}_headsup_x{tag}{_suffix(src, ext)}")
                 for src, rel in files]
         seen: dict[Path, Path] = {}
         for job in jobs:

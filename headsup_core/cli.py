@@ -156,7 +156,8 @@ def cmd_upscale(args) -> int:
         return stop.exit_code
     skipped = len(jobs) - len(todo)
     if not single and (failed or not args.quiet):
-        print(f"headsup: {done} done, {skipped} skipped, {len(failed)} failed", file=sys.stderr if failed else sys.stdout)
+        print(f"headsup: {done} done, {skipped} skipped, {len(failed)} failed",
+              file=sys.stderr if failed else sys.stdout)
     return 1 if failed else 0
 
 

@@ -6,7 +6,6 @@ optional alpha plane Bx1xHxW, which is resized alongside the colour and re-attac
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 

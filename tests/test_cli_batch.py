@@ -139,7 +139,8 @@ def test_real_sigterm_mid_spill_leaves_nothing(tmp_path, tiny_models):
     spill.mkdir()
     Image.effect_noise((256, 256), 40).convert("RGB").save(tmp_path / "in.png")
     env = dict(os.environ, HEADSUP_SPILL_DIR=str(spill), OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+                                           os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, "-m", "headsup_core.cli", "upscale", str(tmp_path / "in.png"), "-o",
                              str(out / "o.png"), "--scale", "2", "--memory-budget-mb", "1", "--tile-size", "64"]
                             + _models(tiny_models), env=env, stderr=subprocess.PIPE, text=True)

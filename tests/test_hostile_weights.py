@@ -6,7 +6,6 @@ import json
 import struct
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from headsup_core.cli import main

@@ -11,7 +11,8 @@ BRADFORD = np.array([[0.8951, 0.2664, -0.1614], [-0.7502, 1.7135, 0.0367], [0.03
 DISPLAY_P3 = {"name": "Display P3 (HeadsUp test)", "primaries": ((0.680, 0.320), (0.265, 0.690), (0.150, 0.060)),
               "white": (0.3127, 0.3290), "trc": "srgb"}
 ADOBE_RGB = {"name": "Adobe RGB (1998) compatible (HeadsUp test)",
-             "primaries": ((0.640, 0.330), (0.210, 0.710), (0.150, 0.060)), "white": (0.3127, 0.3290), "trc": 2.19921875}
+             "primaries": ((0.640, 0.330), (0.210, 0.710), (0.150, 0.060)), "white": (0.3127, 0.3290),
+             "trc": 2.19921875}
 
 
 def _xyz(xy) -> np.ndarray:
