@@ -114,7 +114,7 @@ def _upright(image, orientation: int):
     return out
 
 
-def _fit_profile(image, meta: FileMeta):
+def _fit_profile(image, meta: FileMeta, path: str):
     """Keep the ICC profile only where it describes the pixels; CMYK is converted to sRGB through its profile."""
     space = icc_colour_space(meta.icc_profile)
     if image.mode == "CMYK":
@@ -135,13 +135,9 @@ def _fit_profile(image, meta: FileMeta):
     family = "GRAY" if image.mode in ("L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "1") else "RGB"
     if space is not None and space != family:
         log.warning("headsup: %s: its %s ICC profile does not match its %s pixels and is not carried over.",
-                    meta_path(image), space, family)
+                    path, space, family)
         meta.icc_profile = None
     return image
-
-
-def meta_path(image) -> str:
-    return getattr(image, "filename", "") or "image"
 
 
 def read_photo(path: str | os.PathLike, max_pixels: int | None = None) -> Photo:
@@ -183,7 +179,7 @@ def read_photo(path: str | os.PathLike, max_pixels: int | None = None) -> Photo:
     else:
         if pixels.mode in ("I;16", "I;16B", "I;16L", "I"):
             meta.bits = 16
-        pixels = with_meta(_fit_profile(_upright(pixels, orientation), meta), meta)
+        pixels = with_meta(_fit_profile(_upright(pixels, orientation), meta, path), meta)
     return Photo(pixels, meta, path)
 
 
