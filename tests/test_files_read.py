@@ -151,3 +151,13 @@ def test_cmyk_is_converted_to_srgb_and_tagged(tmp_path):
     photo = read_photo(path)
     assert photo.pixels.mode == "RGB" and "sRGB" in icc_description(photo.meta.icc_profile)
     assert photo.pixels.getpixel((4, 3))[0] > 200 and photo.pixels.getpixel((4, 3))[1] < 60
+
+
+def test_eval_and_dataset_readers_turn_phone_photos_upright(tmp_path):
+    from headsup_core.eval.runner import _u8
+    from headsup_core.train.data import _read_rgb
+
+    src = tmp_path / "phone.jpg"
+    _marked().save(src, exif=_exif(6), quality=98, subsampling=0)
+    assert _u8(src).shape == (30, 20, 3)
+    assert _read_rgb(str(src)).shape == (30, 20, 3)
