@@ -161,3 +161,21 @@ def test_wide_gamut_input_is_retagged_not_converted(tmp_path, tiny_models):
     with Image.open(tmp_path / "p3_out.png") as p3, Image.open(tmp_path / "plain_out.png") as plain:
         assert p3.info["icc_profile"] == icc and "sRGB" in icc_description(plain.info["icc_profile"])
         assert np.array_equal(np.asarray(p3), np.asarray(plain))
+
+
+def test_tiff_layout_tags_stay_out_of_the_exif_and_tiff_output_keeps_camera_tags(tmp_path):
+    from headsup_core.files import read_photo
+    from headsup_core.files.write import save_photo
+
+    exif = Image.Exif()
+    exif[0x010F] = "ScanCo"
+    Image.new("RGB", (30, 20), (9, 99, 199)).save(tmp_path / "in.tif", exif=exif.tobytes())
+    photo = read_photo(tmp_path / "in.tif")
+    big = photo.pixels.resize((60, 40))
+    save_photo(big, tmp_path / "o.jpg", photo.meta)
+    save_photo(big, tmp_path / "o.tif", photo.meta)
+    with Image.open(tmp_path / "o.jpg") as jpg:
+        tags = jpg.getexif()
+        assert tags[0x010F] == "ScanCo" and 256 not in tags and 273 not in tags and 0x8825 not in tags
+    with Image.open(tmp_path / "o.tif") as tif:
+        assert tif.size == (60, 40) and tif.tag_v2[0x010F] == "ScanCo" and tif.tag_v2[305].startswith("HeadsUp")

@@ -14,6 +14,10 @@ import numpy as np
 
 ORIENTATION, SOFTWARE, EXIF_IFD, GPS_IFD = 0x0112, 0x0131, 0x8769, 0x8825
 PIXEL_X, PIXEL_Y = 0xA002, 0xA003
+# TIFF tags that describe a file's own pixel layout (Pillow's getexif on a TIFF returns them with the camera tags),
+# and ICC/XMP, which travel separately: none of them belongs in an output's EXIF.
+STRUCTURE_TAGS = (254, 255, 256, 257, 258, 259, 262, 263, 266, 273, 277, 278, 279, 280, 281, 282, 283, 284, 296,
+                  317, 320, 322, 323, 324, 325, 338, 339, 340, 341, 530, 531, 532, 700, 34675)
 XMP_PNG_KEY = "XML:com.adobe.xmp"
 
 
@@ -117,9 +121,8 @@ def output_exif(exif: bytes | None, size: tuple[int, int], *, keep_gps: bool) ->
             sub[PIXEL_X] = int(size[0])
         if PIXEL_Y in sub:
             sub[PIXEL_Y] = int(size[1])
-    if not keep_gps:
-        data.get_ifd(GPS_IFD).clear()
-        data.pop(GPS_IFD, None)
+    if not keep_gps and GPS_IFD in data:
+        del data[GPS_IFD]  # (get_ifd on an absent GPS IFD would add an empty one)
     try:
         return data.tobytes()
     except Exception:  # noqa: BLE001 - a tag Pillow cannot write back: keep the essentials only
@@ -136,6 +139,9 @@ def meta_from_pil(image, *, transposed: bool) -> FileMeta:
         exif = image.getexif()
         if transposed and ORIENTATION in exif:
             exif[ORIENTATION] = 1
+        for tag in STRUCTURE_TAGS:
+            if tag in exif:
+                del exif[tag]
         meta.exif = exif.tobytes() if len(exif) or exif.get_ifd(EXIF_IFD) else None
     except Exception:  # noqa: BLE001 - a broken EXIF block is dropped, the pixels still count
         meta.exif = None

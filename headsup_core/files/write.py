@@ -75,14 +75,31 @@ def _pillow_kwargs(fmt: str, meta: FileMeta, jpeg_quality: int, webp_quality: in
         if meta.xmp:
             info.add_itxt(XMP_PNG_KEY, meta.xmp.decode("utf-8", "replace"))
         kwargs["pnginfo"] = info
-    elif fmt == "TIFF":
-        tiffinfo = {305: software_name()}
-        if meta.xmp:
-            tiffinfo[700] = meta.xmp
-        kwargs.update(compression="tiff_deflate", tiffinfo=tiffinfo)
+    elif fmt == "TIFF":  # IFD0 tags only: Pillow's compressed TIFF writer cannot write the EXIF/GPS sub-IFDs
+        kwargs.pop("exif", None)
+        kwargs.update(compression="tiff_deflate", tiffinfo=tiff_tags(meta))
     if meta.xmp and fmt in ("JPEG", "WEBP"):
         kwargs["xmp"] = meta.xmp
     return kwargs
+
+
+def tiff_tags(meta: FileMeta) -> dict:
+    """The output EXIF's IFD0 tags (camera, date, artist, copyright, ...), Software and XMP, as TIFF tags."""
+    from PIL import Image
+
+    tags: dict = {}
+    if meta.exif:
+        exif = Image.Exif()
+        try:
+            exif.load(meta.exif)
+        except Exception:  # noqa: BLE001 - unreadable EXIF: nothing to carry
+            exif = Image.Exif()
+        tags = {tag: value for tag, value in exif.items()
+                if tag not in (0x8769, 0x8825, 0xA005) and isinstance(value, (str, int))}
+    tags[305] = software_name()
+    if meta.xmp:
+        tags[700] = meta.xmp
+    return tags
 
 
 def _write(image, tmp: str, fmt: str, meta: FileMeta, jpeg_quality: int, webp_quality: int | None) -> None:
