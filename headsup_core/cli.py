@@ -147,6 +147,9 @@ def cmd_upscale(args) -> int:
                 reason = str(err) if isinstance(err, HeadsUpError) else f"{type(err).__name__}: {err}"
                 failed.append(job.src)
                 tqdm.write(f"headsup: failed: {job.src}: {reason}", file=sys.stderr)
+                if getattr(err, "no_space", False):  # every later file would fail the same way
+                    tqdm.write("headsup: stopping the batch: the output disk is full.", file=sys.stderr)
+                    break
             outer.update(1)
         outer.close()
     if stop.pending():
@@ -156,7 +159,9 @@ def cmd_upscale(args) -> int:
         return stop.exit_code
     skipped = len(jobs) - len(todo)
     if not single and (failed or not args.quiet):
-        print(f"headsup: {done} done, {skipped} skipped, {len(failed)} failed",
+        left = len(todo) - done - len(failed)
+        tail = f", {left} not started" if left else ""
+        print(f"headsup: {done} done, {skipped} skipped, {len(failed)} failed{tail}",
               file=sys.stderr if failed else sys.stdout)
     return 1 if failed else 0
 

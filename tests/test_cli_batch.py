@@ -153,3 +153,24 @@ def test_real_sigterm_mid_spill_leaves_nothing(tmp_path, tiny_models):
     assert proc.returncode == 143, err
     assert "stopped by SIGTERM" in err and "Traceback" not in err
     assert list(spill.iterdir()) == [] and not out.exists()
+
+
+def test_full_disk_stops_the_batch_with_no_partial_file(tmp_path, tiny_models, monkeypatch, capsys):
+    import errno
+
+    from headsup_core.files import write
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(src / f"p{i}.png")
+
+    def full(image, tmp, *args):
+        Path(tmp).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(write, "_write", full)
+    assert main(["upscale", str(src), "-o", str(out), "--scale", "2", "-q"] + _models(tiny_models)) == 1
+    err = capsys.readouterr().err
+    assert err.count("headsup: failed:") == 1 and f"no space left on {out}" in err and "disk is full" in err
+    assert "0 done, 0 skipped, 1 failed, 2 not started" in err and list(out.iterdir()) == []

@@ -155,7 +155,9 @@ def save_photo(image, path: str | os.PathLike, meta: FileMeta | None = None, *, 
 
 def _output_error(err: OSError, path: str) -> OutputError:
     if err.errno == errno.ENOSPC:
-        return OutputError(f"Cannot write {path}: no space left on {os.path.dirname(os.path.abspath(path))}.")
+        full = OutputError(f"Cannot write {path}: no space left on {os.path.dirname(os.path.abspath(path))}.")
+        full.no_space = True
+        return full
     reason = err.strerror or str(err)
     return OutputError(f"Cannot write {path}: {reason}.")
 
