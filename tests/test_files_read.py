@@ -161,3 +161,17 @@ def test_eval_and_dataset_readers_turn_phone_photos_upright(tmp_path):
     _marked().save(src, exif=_exif(6), quality=98, subsampling=0)
     assert _u8(src).shape == (30, 20, 3)
     assert _read_rgb(str(src)).shape == (30, 20, 3)
+
+
+def test_corrupt_exif_and_damaged_profile_give_one_notice_each(tmp_path, caplog, recwarn):
+    from headsup_core.files import read_photo
+
+    Image.new("RGB", (9, 7)).save(tmp_path / "badexif.jpg", exif=b"Exif\x00\x00MM\x00*garbage")
+    Image.new("RGB", (9, 7)).save(tmp_path / "badicc.png", icc_profile=b"junkjunkjunkjunkRGB junk")
+    with caplog.at_level("WARNING", logger="headsup"):
+        assert read_photo(tmp_path / "badexif.jpg").pixels.size == (9, 7)
+        assert read_photo(tmp_path / "badicc.png").meta.icc_profile is None
+    notes = [r.getMessage() for r in caplog.records]
+    assert sum("EXIF block is corrupt" in n for n in notes) == 1
+    assert sum("ICC profile is damaged" in n for n in notes) == 1
+    assert not [w for w in recwarn if "EXIF" in str(w.message)]

@@ -7,7 +7,9 @@ of the output, ``Software`` names HeadsUp, and GPS tags (EXIF and XMP) are dropp
 from __future__ import annotations
 
 import functools
+import logging
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +21,7 @@ PIXEL_X, PIXEL_Y = 0xA002, 0xA003
 STRUCTURE_TAGS = (254, 255, 256, 257, 258, 259, 262, 263, 266, 273, 277, 278, 279, 280, 281, 282, 283, 284, 296,
                   317, 320, 322, 323, 324, 325, 338, 339, 340, 341, 530, 531, 532, 700, 34675)
 XMP_PNG_KEY = "XML:com.adobe.xmp"
+log = logging.getLogger("headsup")
 
 
 def software_name() -> str:
@@ -47,6 +50,18 @@ def icc_colour_space(icc: bytes | None) -> str | None:
     return icc[16:20].decode("ascii", "replace").strip()
 
 
+def icc_readable(icc: bytes) -> bool:
+    try:
+        import io
+
+        from PIL import ImageCms
+
+        ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        return True
+    except Exception:  # noqa: BLE001 - littleCMS refuses it: a damaged profile
+        return False
+
+
 def icc_description(icc: bytes | None) -> str:
     if not icc:
         return "none"
@@ -67,9 +82,22 @@ def srgb_icc() -> bytes:
     return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
 
+def quiet_exif(image):
+    """``image.getexif()`` without Pillow's "Corrupt EXIF data" UserWarning (the caller says it once instead)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with warnings.catch_warnings():  # exif_orientation, called first, has said it once
+            warnings.simplefilter("ignore")
+            exif = image.getexif()
+    if any("EXIF" in str(w.message) for w in caught):
+        log.warning("headsup: %s: part of its EXIF block is corrupt; what could be read is kept.",
+                    getattr(image, "filename", "") or "image")
+    return exif
+
+
 def exif_orientation(image) -> int:
     try:
-        value = int(image.getexif().get(ORIENTATION, 1))
+        value = int(quiet_exif(image).get(ORIENTATION, 1))
     except Exception:  # noqa: BLE001 - a broken EXIF block must not stop the read
         return 1
     return value if 1 <= value <= 8 else 1
@@ -136,7 +164,9 @@ def meta_from_pil(image, *, transposed: bool) -> FileMeta:
     info = image.info
     meta = FileMeta(icc_profile=info.get("icc_profile") or None)
     try:
-        exif = image.getexif()
+        with warnings.catch_warnings():  # exif_orientation, called first, has said it once
+            warnings.simplefilter("ignore")
+            exif = image.getexif()
         if transposed and ORIENTATION in exif:
             exif[ORIENTATION] = 1
         for tag in STRUCTURE_TAGS:

@@ -12,7 +12,8 @@ import numpy as np
 
 from ..errors import InputImageError
 from .deep import have_tifffile, png16_rawmode, read_png16, read_tiff16, tiff16_rgb
-from .meta import FileMeta, exif_orientation, icc_colour_space, meta_from_pil, srgb_icc, transpose_array
+from .meta import (FileMeta, exif_orientation, icc_colour_space, icc_readable, meta_from_pil, srgb_icc,
+                   transpose_array)
 
 log = logging.getLogger("headsup")
 
@@ -74,9 +75,13 @@ def open_checked(path: str, max_pixels: int | None = None):
     saved = Image.MAX_IMAGE_PIXELS
     try:
         Image.MAX_IMAGE_PIXELS = limit
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(path)
+            image = Image.open(path)
+        if any("EXIF" in str(w.message) for w in caught):  # Pillow's own is a 2-line UserWarning
+            log.warning("headsup: %s: part of its EXIF block is corrupt; what could be read is kept.", path)
+        return image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise _too_big(path, limit) from None
     finally:
@@ -132,6 +137,9 @@ def _fit_profile(image, meta: FileMeta, path: str):
         meta.icc_profile = srgb_icc()
         meta.notes.append("CMYK converted to sRGB")
         return converted if converted is not None else image.convert("RGB")
+    if space is not None and not icc_readable(meta.icc_profile):
+        log.warning("headsup: %s: its ICC profile is damaged and is not carried over.", path)
+        meta.icc_profile, space = None, None
     family = "GRAY" if image.mode in ("L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "1") else "RGB"
     if space is not None and space != family:
         log.warning("headsup: %s: its %s ICC profile does not match its %s pixels and is not carried over.",
