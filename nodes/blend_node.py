@@ -6,6 +6,7 @@ manager, progress bar and interrupts around it.
 """
 import torch
 from comfy_api.latest import io
+from headsup_core.options import MAX_SCALE
 
 from .loaders import FACE_ANALYSIS, HEADSUP_MODEL
 from .upscale import COLOR_FIXES, memory_estimate
@@ -29,7 +30,7 @@ class HeadsUpBlendUpscale(io.ComfyNode):
                 FACE_ANALYSIS.Input("face_analysis", tooltip="From HeadsUp Face Analysis Loader: finds the faces "
                                                              "and their landmarks in the input."),
                 io.Image.Input("image", tooltip="The low-quality image(s) to upscale."),
-                io.Float.Input("scale", default=4.0, min=1.0, max=8.0, step=0.5, tooltip="Upscale factor."),
+                io.Float.Input("scale", default=4.0, min=1.0, max=MAX_SCALE, step=0.5, tooltip="Upscale factor."),
                 io.Int.Input("tile_size", default=0, min=0, max=8192, step=64,
                              tooltip="Output tile size in pixels for the general model; 0 picks it "
                                      "automatically."),

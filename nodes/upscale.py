@@ -4,6 +4,7 @@ import logging
 import torch
 from comfy_api.latest import io
 from headsup_core.color import COLOR_FIX_MODES
+from headsup_core.options import MAX_SCALE
 
 from .loaders import FACE_ANALYSIS, HEADSUP_MODEL
 from .reference import HEADSUP_REFERENCE
@@ -51,7 +52,7 @@ class HeadsUpUpscale(io.ComfyNode):
                 HEADSUP_MODEL.Input("model", tooltip="From HeadsUp Loader, or HeadsUp Patch Model (the graph's own "
                                                     "MODEL/VAE)."),
                 io.Image.Input("image", tooltip="The low-quality image(s) to upscale."),
-                io.Float.Input("scale", default=4.0, min=1.0, max=8.0, step=0.5,
+                io.Float.Input("scale", default=4.0, min=1.0, max=MAX_SCALE, step=0.5,
                                tooltip="Upscale factor. 4 is what the model is trained for."),
                 io.Int.Input("tile_size", default=0, min=0, max=8192, step=64,
                              tooltip="Output tile size in pixels; 0 picks it automatically. Smaller tiles need "

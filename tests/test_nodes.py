@@ -238,6 +238,18 @@ def test_option_lists_come_from_the_core(pack):
     assert ins["dtype"].options == list(DTYPE_CHOICES)
 
 
+def test_scale_range_is_the_cores(pack):
+    """The nodes offer exactly the scales the library accepts (they capped at 8 while the core allows 16)."""
+    from headsup_core.options import MAX_SCALE, check_scale
+
+    for node_id in ("HeadsUpUpscale", "HeadsUpBlendUpscale"):
+        scale = {i.id: i for i in pack.nodes[node_id].GET_SCHEMA().inputs}["scale"]
+        assert (scale.min, scale.max) == (1.0, MAX_SCALE), node_id
+    check_scale(MAX_SCALE)
+    with pytest.raises(InputImageError):
+        check_scale(MAX_SCALE + 0.5)
+
+
 def test_patch_model_schema_keeps_clip_optional_and_last(pack):
     schema = pack.nodes["HeadsUpPatchModel"].GET_SCHEMA()
     assert [(i.id, i.io_type) for i in schema.inputs] == [("model", "MODEL"), ("vae", "VAE"),
