@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import logging
 import signal
@@ -11,7 +12,7 @@ from pathlib import Path
 from .choices import COLOR_FIX_MODES, VAE_TILING_MODES, WEIGHT_DTYPE_CHOICES
 from .errors import HeadsUpError, InputImageError, InterruptedByUser
 
-EXTENSION_MODULES = ("headsup_core.train.cli", "headsup_core.eval.cli")
+EXTENSION_MODULES = ("headsup_core.train.cli", "headsup_core.eval.cli", "headsup_core.tags.cli")
 log = logging.getLogger("headsup")
 
 
@@ -98,6 +99,7 @@ def cmd_upscale(args) -> int:
     from .options import UpscaleOptions
     from .pipeline import HeadsUpPipeline, check_scale
     from .spill import remove_stale_spill_dirs
+    from .tags.cli import tagger_from_args
 
     scale = check_scale(args.scale)
     _check_file_options(args)
@@ -113,6 +115,7 @@ def cmd_upscale(args) -> int:
     with StopRequest() as stop:
         if todo:
             root = model_root(args.models)
+            options = dataclasses.replace(options, tag_source=tagger_from_args(args, root))
             base = resolve_base(args.base, root, args.download)
             weights = args.weights or find_weights(root)
             pipe = HeadsUpPipeline.from_files(base, weights, device=args.device, dtype=args.dtype,
@@ -233,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fidelity <-> detail: 1 = full restoration, lower stays closer to the input (default 1)")
     up.add_argument("--prompt", help="optional text prompt P, encoded in OSEDiff's form \", P,\" with the base's "
                     "text encoder (default: OSEDiff's \", ,\" or the embedding stored in the weights)")
+    from .tags.cli import add_tag_arguments
+
+    add_tag_arguments(up)
     up.add_argument("--seed", type=int, default=0, help="seed, used only with --sample-latent")
     up.add_argument("--sample-latent", action="store_true",
                     help="sample the VAE posterior like OSEDiff instead of its mode (non-deterministic per seed)")

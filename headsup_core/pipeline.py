@@ -247,10 +247,13 @@ class HeadsUpPipeline:
             if interrupt is not None and interrupt():
                 raise InterruptedByUser("Interrupted by the user.")
 
-        outputs, masks, assignments, timings = [], [], [], []
+        outputs, masks, assignments, timings, used_tags = [], [], [], [], []
         for i in range(batch.rgb.shape[0]):
             if embeds is None:  # per-image tags from the tag source
-                emb = self._prompt_embeds(prompt, None, tags=tag_source(batch.rgb[i:i + 1]))
+                tags = tag_source(batch.rgb[i:i + 1])
+                log.info("HeadsUp image %d tags: %s", i, tags or "(none)")
+                used_tags.append(tags)
+                emb = self._prompt_embeds(prompt, None, tags=tags)
             else:
                 emb = embeds[i:i + 1] if embeds.shape[0] == batch.rgb.shape[0] else embeds[:1]
             out, mask, assigned, timing = self._upscale_one(batch.rgb[i:i + 1], (oh, ow), refs, emb, plan, opts,
@@ -272,7 +275,8 @@ class HeadsUpPipeline:
         return result, {"face_mask": torch.cat(masks), "assignments": assignments, "timings": timings,
                         "output_size": (oh, ow), "tile_plan": plan, "reference_used": bool(refs) and placed,
                         "reference_note": None if bool(refs) and placed else reference_note,
-                        "face_mask_used": used["mask"] and face_analyzer is not None}
+                        "face_mask_used": used["mask"] and face_analyzer is not None,
+                        "tags": used_tags if embeds is None else None}
 
     def _tiles_per_image(self, oh: int, ow: int, plan: TilePlan, with_reference: bool) -> int:
         lh, lw = self.latent_size((oh, ow))

@@ -1,8 +1,20 @@
 """Language description extraction: OSEDiff's DAPE tags (RAM, LoRA-tuned on degraded images), offline.
 
 ``DapeTagger`` is a ``tag_source`` for ``HeadsUpPipeline`` (LQ image -> "tag, tag, ..."); the pipeline puts
-the tags into OSEDiff's prompt form ``f"{tags}, {prompt},"``. Heavy work (reading weights) happens on first use.
+the tags into OSEDiff's prompt form ``f"{tags}, {prompt},"``. Nothing heavy is imported until a name is used,
+and the weights are read on the tagger's first call.
 """
-from .files import (DAPE_WEIGHTS, RAM_FOLDER, RAM_WEIGHTS, TAG_LIST, TAG_THRESHOLDS, TaggerFiles,  # noqa: F401
-                    find_tagger_files)
-from .tagger import DapeTagger, preprocess  # noqa: F401
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {"DapeTagger": "tagger", "preprocess": "tagger", "find_tagger_files": "files", "TaggerFiles": "files",
+            "RAM_WEIGHTS": "files", "DAPE_WEIGHTS": "files", "TAG_LIST": "files", "TAG_THRESHOLDS": "files",
+            "RAM_FOLDER": "files"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(name)

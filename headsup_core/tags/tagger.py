@@ -60,7 +60,7 @@ class DapeTagger:
                  device=None, dtype=torch.float32, delete_tag_index=(), unload_after: bool | None = None,
                  files: TaggerFiles | None = None):
         self.files = files or find_tagger_files(root, ram, dape, tag_list, thresholds, use_dape=use_dape)
-        self.device = devices.pick_device(device) if device is not None else torch.device("cpu")
+        self.device = devices.pick_device(device)
         self.dtype = dtype
         self.delete_tag_index = tuple(int(i) for i in delete_tag_index)
         self.unload_after = unload_after

@@ -18,6 +18,7 @@ from .swin import _relative_position_index, _shift_mask
 FULL_SWIN = dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48))
 SMALL_SWIN = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))  # same structure, fewer blocks
 HIDDEN, INTER, LABEL_DIM, WINDOW, IMG, LORA_R = 768, 3072, 512, 12, 384, 8
+CENTRE_LOGIT = 0.3  # sigmoid 0.57: about a third of the tags above RAM's usual 0.65
 
 
 def _linear(sd, name, n_out, n_in, g, bias=True, std=None):
@@ -87,16 +88,16 @@ def random_ram_states(num_classes: int, seed: int = 0, full: bool = False, head_
     sd["label_embed"] = torch.randn(num_classes, LABEL_DIM, generator=g)
     _linear(sd, "wordvec_proj", HIDDEN, LABEL_DIM, g)
     sd["fc.weight"] = torch.randn(1, HIDDEN, generator=g) * 0.1
-    sd["fc.bias"] = torch.tensor([1.2])
     for i in range(head_layers):
         _bert_layer(sd, f"tagging_head.encoder.layer.{i}.", g)
+    sd["fc.bias"] = torch.zeros(1)  # write_random_ram centres it
     for i in range(encoder_layers):  # the tag encoder: self-attention + cross-attention; its first layers are tied
         _bert_layer(sd, f"tag_encoder.encoder.layer.{i}.", g, self_attn=True)
         if i < head_layers:  # a real save of the tied model holds the same values under both names
             for k in [k for k in sd if k.startswith(f"tagging_head.encoder.layer.{i}.")]:
                 sd[k.replace("tagging_head.", "tag_encoder.", 1)] = sd[k].clone()
-    sd["tag_encoder.embeddings.word_embeddings.weight"] = torch.randn(64, HIDDEN, generator=g)
-    sd["text_decoder.cls.predictions.bias"] = torch.randn(64, generator=g)
+    _norm(sd, "tag_encoder.embeddings.LayerNorm", HIDDEN, g)
+    _norm(sd, "text_decoder.bert.encoder.layer.0.output.LayerNorm", HIDDEN, g)
     dape: dict[str, torch.Tensor] = {}
     for k in [k for k in sd if k.endswith("attn.qkv.weight")]:
         dim = sd[k].shape[1]
@@ -122,9 +123,17 @@ def write_random_ram(folder, tag_list=None, thresholds=None, num_classes: int = 
         tags = Path(tag_list).read_text(encoding="utf-8").splitlines()
         num_classes = len(tags)
     ram, dape = random_ram_states(num_classes, seed, full)
-    torch.save({"model": ram}, folder / RAM_WEIGHTS)
     torch.save(dape, folder / DAPE_WEIGHTS)
     paths = {"ram": folder / RAM_WEIGHTS, "dape": folder / DAPE_WEIGHTS}
+    torch.save({"model": ram}, folder / RAM_WEIGHTS)
+    # Centre the logits of a grey image below the usual threshold, so random images keep a mix of tags and drop others.
+    from .files import tagging_state_dict
+    from .tagger import build_net, preprocess
+
+    with torch.no_grad():
+        logits = build_net(tagging_state_dict(paths["ram"], paths["dape"]))(preprocess(torch.full((1, 3, 64, 64), 0.5)))
+    ram["fc.bias"] = ram["fc.bias"] + (CENTRE_LOGIT - logits.median())
+    torch.save({"model": ram}, folder / RAM_WEIGHTS)
     if tag_list is None:
         (folder / TAG_LIST).write_text("\n".join(f"tag {i}" for i in range(num_classes)) + "\n", encoding="utf-8")
         g = torch.Generator().manual_seed(seed + 1)
