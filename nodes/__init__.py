@@ -10,9 +10,10 @@ from .reference import HeadsUpReferenceEncoder  # noqa: E402
 from .upscale import HeadsUpUpscale  # noqa: E402
 from .blend_node import HeadsUpBlendUpscale  # noqa: E402
 from .patch_node import HeadsUpPatchModel  # noqa: E402
+from .tagger import HeadsUpTagger  # noqa: E402
 
 NODES = [HeadsUpLoader, HeadsUpFaceAnalysisLoader, HeadsUpReferenceEncoder, HeadsUpUpscale, HeadsUpBlendUpscale,
-         HeadsUpPatchModel]
+         HeadsUpPatchModel, HeadsUpTagger]
 
 
 class HeadsUpExtension(ComfyExtension):

@@ -4,6 +4,7 @@ Folders (each also configurable through extra_model_paths.yaml under the same na
   headsup        HeadsUp .safetensors and OSEDiff .pkl weights
   insightface    insightface packs as models/insightface/models/<pack>/*.onnx
   facedetection  facexlib weights (RetinaFace, BiSeNet parsing)
+  ram            the DAPE tagger: ram_swin_large_14m.pth, DAPE.pth, ram_tag_list.txt, ram_tag_list_threshold.txt
 The base SD2.x model comes from `checkpoints` (single file) or `diffusers` (a folder with model_index.json).
 """
 import os
@@ -13,6 +14,7 @@ import folder_paths
 from headsup_core.errors import MissingModelError
 
 WEIGHT_EXTENSIONS = {".safetensors", ".pkl"}
+RAM_EXTENSIONS = {".pth"}  # models/ram: RAM and DAPE weights, with RAM's tag list and thresholds beside them
 DIFFUSERS_PREFIX = "diffusers/"
 KNOWN_INSIGHTFACE_PACKS = ("antelopev2", "buffalo_l")
 FACEXLIB_PREFIX = "facexlib/"  # pack entries for the facexlib backend name its RetinaFace detector
@@ -21,7 +23,8 @@ FACEXLIB_DETECTORS = ("retinaface_resnet50", "retinaface_mobile0.25")
 
 def register_folders():
     """Add our folders without clobbering entries that extra_model_paths.yaml already created."""
-    for name, exts in (("headsup", WEIGHT_EXTENSIONS), ("insightface", set()), ("facedetection", {".pth"})):
+    for name, exts in (("headsup", WEIGHT_EXTENSIONS), ("insightface", set()), ("facedetection", {".pth"}),
+                       ("ram", RAM_EXTENSIONS)):
         default = os.path.join(folder_paths.models_dir, name)
         if name in folder_paths.folder_names_and_paths:
             paths = list(folder_paths.folder_names_and_paths[name][0])
@@ -47,6 +50,17 @@ def list_bases():
                 if "model_index.json" in names:
                     folders.add(DIFFUSERS_PREFIX + os.path.relpath(dirpath, root).replace(os.sep, "/"))
     return files + sorted(folders)
+
+
+def list_ram_weights():
+    return folder_paths.get_filename_list("ram")
+
+
+def resolve_ram(name):
+    path = folder_paths.get_full_path("ram", name)
+    if path is None:
+        raise _missing("ram", name, "RAM/DAPE weights file")
+    return path
 
 
 def list_face_packs():

@@ -39,6 +39,26 @@ def prompt_embeds_from(conditioning):
     return conditioning[0][0]
 
 
+def tag_source_from(tags, batch: int, conditioning=None):
+    """A STRING of tags -> the pipeline's tag source: one line per image when the lines match the batch, else the
+    whole string for every image. None when empty or when a conditioning (which wins) is connected."""
+    if not tags or not str(tags).strip():
+        return None
+    if conditioning is not None:
+        log.warning("HeadsUp: both tags and a conditioning are connected; the conditioning is used.")
+        return None
+    lines = str(tags).splitlines()
+    per_image = lines if batch > 1 and len(lines) == batch else None
+    whole = " ".join(line.strip() for line in lines if line.strip()).strip()
+    seen = []
+
+    def source(image):  # the pipeline asks once per image, in order (again from the first on an OOM retry)
+        i = len(seen) % batch
+        seen.append(i)
+        return per_image[i].strip() if per_image else whole
+    return source
+
+
 class HeadsUpUpscale(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -77,6 +97,10 @@ class HeadsUpUpscale(io.ComfyNode):
                 io.Float.Input("match_threshold", default=0.3, min=0.0, max=1.0, step=0.05, optional=True,
                                tooltip="Minimum identity similarity (cosine) for a reference to be placed on a "
                                        "face. Raise it if a reference lands on the wrong person."),
+                io.String.Input("tags", optional=True, force_input=True,
+                                tooltip="Tags for OSEDiff's prompt form \"TAGS, ,\" (HeadsUp Tagger, or any "
+                                        "captioner); one line per image of a batch, or one for all. Needs the "
+                                        "base's text encoder; a connected conditioning wins."),
             ],
             outputs=[
                 io.Image.Output(display_name="image", tooltip="The upscaled image(s)."),
@@ -86,7 +110,7 @@ class HeadsUpUpscale(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, image, scale, tile_size, color_fix, reference=None, face_analysis=None,
-                conditioning=None, strength=1.0, match_threshold=0.3) -> io.NodeOutput:
+                conditioning=None, strength=1.0, match_threshold=0.3, tags=None) -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
         from headsup_core import memory
@@ -105,7 +129,8 @@ class HeadsUpUpscale(io.ComfyNode):
 
         # 0 in the widget: tiles from the core's memory budget. The core's one OOM retry halves them.
         opts = UpscaleOptions(scale=scale, tile_size=tile_size or None, color_fix=color_fix, strength=strength,
-                              match_threshold=match_threshold, prompt_embeds=prompt_embeds_from(conditioning))
+                              match_threshold=match_threshold, prompt_embeds=prompt_embeds_from(conditioning),
+                              tag_source=tag_source_from(tags, image.shape[0], conditioning))
         try:
             out, info = memory.upscale_with_retry(
                 pipe, image, options=opts, reference=references, face_analyzer=analyzer, progress=progress,

@@ -16,7 +16,7 @@ sys.path.remove(str(Path(__file__).parent / "comfy_stub"))
 from headsup_core.errors import HeadsUpError, InputImageError, MissingModelError  # noqa: E402
 
 NODE_IDS = ["HeadsUpLoader", "HeadsUpFaceAnalysisLoader", "HeadsUpReferenceEncoder", "HeadsUpUpscale",
-            "HeadsUpBlendUpscale", "HeadsUpPatchModel"]
+            "HeadsUpBlendUpscale", "HeadsUpPatchModel", "HeadsUpTagger"]
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +77,10 @@ def test_loader_lists_models_from_the_folders(pack):
 def test_upscale_inputs_optional_sockets(pack):
     ins = _inputs(pack, "HeadsUpUpscale")
     assert [i for i in ins] == ["model", "image", "scale", "tile_size", "color_fix", "reference",
-                                "face_analysis", "conditioning", "strength", "match_threshold"]
+                                "face_analysis", "conditioning", "strength", "match_threshold", "tags"]
     assert [i for i in ins if ins[i].optional] == ["reference", "face_analysis", "conditioning", "strength",
-                                                   "match_threshold"]
+                                                   "match_threshold", "tags"]
+    assert ins["tags"].force_input  # a socket, not a widget: saved workflows' widget values keep their places
     assert ins["color_fix"].options == ["adain", "wavelet", "none"] and ins["scale"].default == 4.0
 
 

@@ -99,7 +99,8 @@ class DapeTagger:
     def probabilities(self, image: torch.Tensor) -> torch.Tensor:
         """Per-class sigmoids (B, classes) of a (B, 3, H, W) 0..1 batch."""
         net = self.load().net
-        x = preprocess(image.to(self.device)).to(self.dtype)
+        p = next(net.parameters())  # the host (e.g. ComfyUI's model manager) may have moved it
+        x = preprocess(image.to(p.device)).to(p.dtype)
         return torch.sigmoid(net(x).float()).cpu()
 
     def decide(self, probs: torch.Tensor) -> list[str]:

@@ -93,6 +93,22 @@ class Combo:
             self.options = options
 
 
+class String:
+    io_type = "STRING"
+
+    class Input(WidgetInput):
+        io_type = "STRING"
+
+        def __init__(self, id, display_name=None, optional=False, tooltip=None, lazy=None, default=None,
+                     multiline=False, placeholder=None, dynamic_prompts=None, socketless=None, force_input=None,
+                     extra_dict=None):
+            super().__init__(id, display_name, optional, tooltip, lazy, default, socketless, None, force_input)
+            self.multiline, self.force_input = multiline, force_input
+
+    class Output(Output):
+        io_type = "STRING"
+
+
 class Boolean:
     io_type = "BOOLEAN"
 
