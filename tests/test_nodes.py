@@ -30,6 +30,9 @@ def pack(tmp_path_factory):
     (models / "checkpoints" / "v2-1_512-ema-pruned.safetensors").write_bytes(b"x")
     (models / "diffusers" / "sd21" / "model_index.json").write_text("{}")
     (models / "insightface" / "models" / "mypack" / "det.onnx").write_bytes(b"x")
+    from headsup_core.tags.tiny import write_random_ram
+
+    write_random_ram(models / "ram", num_classes=16)
     p = harness.load_pack(models)
     p.models = models
     yield p
@@ -140,7 +143,7 @@ class FakePipe:
         scale = options.scale
         self.calls.append(dict(tile_size=tile_size, reference=reference, prompt_embeds=options.prompt_embeds,
                                face_analyzer=face_analyzer, color_fix=options.color_fix, strength=options.strength,
-                               match_threshold=options.match_threshold))
+                               match_threshold=options.match_threshold, tag_source=options.tag_source))
         if self.oom_above is not None and (tile_size or 512) > self.oom_above:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
         for t in range(self.tiles):
@@ -297,3 +300,33 @@ for backend, name in (("insightface", "p"), ("facexlib", "facexlib/retinaface_mo
     lines = out.stdout.strip().splitlines()
     assert lines[0] == str(sorted(NODE_IDS))
     assert len(lines) == 3 and "onnxruntime" in lines[1] and "facexlib" in lines[2], lines
+
+
+def test_tagger_node_tags_each_image_through_the_memory_manager(pack):
+    pack.mm.LOADS.clear()
+    tagger = pack.nodes["HeadsUpTagger"]
+    ins = _inputs(pack, "HeadsUpTagger")
+    assert ins["ram"].options == ["DAPE.pth", "ram_swin_large_14m.pth"] and ins["ram"].default == "ram_swin_large_14m.pth"
+    assert ins["dape"].default == "DAPE.pth" and ins["dape"].options[-1].startswith("none")
+    (out,) = tagger.execute(image=torch.rand(2, 40, 30, 3), ram="ram_swin_large_14m.pth", dape="DAPE.pth").result
+    lines = out.split("\n")
+    assert len(lines) == 2 and all(line.startswith("tag ") for line in lines)
+    assert len(pack.mm.LOADS) == 1 and pack.mm.LOADS[0][2] is True  # force_full_load
+    plain = tagger.execute(image=torch.rand(1, 40, 30, 3), ram="ram_swin_large_14m.pth", dape=ins["dape"].options[-1])
+    assert isinstance(plain.result[0], str)
+    with pytest.raises(MissingModelError, match="nope.pth"):
+        tagger.execute(image=torch.rand(1, 8, 8, 3), ram="ram_swin_large_14m.pth", dape="nope.pth")
+
+
+def test_upscale_tags_input_becomes_the_tag_source(pack):
+    pipe = FakePipe()
+    _run_upscale(pack, pipe, tags="tag 1, tag 2")
+    source = pipe.calls[-1]["tag_source"]
+    assert source(None) == "tag 1, tag 2" and source(None) == "tag 1, tag 2"
+    _run_upscale(pack, pipe, tags="a, b\nc")  # two lines for a batch of two: one per image, in order
+    source = pipe.calls[-1]["tag_source"]
+    assert [source(None), source(None), source(None)] == ["a, b", "c", "a, b"]
+    _run_upscale(pack, pipe, tags="  ")
+    assert pipe.calls[-1]["tag_source"] is None
+    _run_upscale(pack, pipe, tags="x", conditioning=[[torch.zeros(1, 77, 8), {}]])
+    assert pipe.calls[-1]["tag_source"] is None and pipe.calls[-1]["prompt_embeds"] is not None

@@ -17,7 +17,7 @@ WORKFLOWS = harness.PACK_DIR / "workflows"
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
 API_FILES = sorted((WORKFLOWS / "api").glob("*.json"))
 MODEL_COMBOS = {("HeadsUpLoader", "weights"), ("HeadsUpLoader", "base"), ("HeadsUpFaceAnalysisLoader", "pack"),
-                ("HeadsUpPatchModel", "weights")}
+                ("HeadsUpPatchModel", "weights"), ("HeadsUpTagger", "ram"), ("HeadsUpTagger", "dape")}
 # Output types of the ComfyUI core nodes the workflows use (checked for real in test_comfyui_e2e.py).
 CORE_OUTPUTS = {"LoadImage": ["IMAGE", "MASK"], "MaskToImage": ["IMAGE"], "SaveImage": [], "PreviewImage": [],
                 "CheckpointLoaderSimple": ["MODEL", "CLIP", "VAE"]}
@@ -55,7 +55,8 @@ def _check_value(node_id, widget, value, io):
 
 
 def test_all_workflows_ship_in_both_formats():
-    names = {"headsup_portrait_x4", "headsup_reference_x4", "headsup_group_references", "headsup_graph_model_x4"}
+    names = {"headsup_portrait_x4", "headsup_reference_x4", "headsup_group_references", "headsup_graph_model_x4",
+             "headsup_portrait_tags_x4"}
     assert {p.stem for p in UI_FILES} == names and {p.stem for p in API_FILES} == names
 
 
