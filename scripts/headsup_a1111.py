@@ -50,6 +50,7 @@ _OPTIONS = dict(_DEFAULTS)  # set by the Extras section for the current job
 _CACHE: dict = {}  # (base, weights) -> pipeline; one at a time, kept on the CPU between runs
 _ANALYZER: dict = {}
 _FREE: dict = {}  # the Forge variant's prepare_free_memory, found once
+_TAGGER: dict = {}  # the DAPE tagger of the "HeadsUp tags" setting
 _LAST_SETTINGS: list = [None]  # what the Extras section last ran with
 
 
@@ -327,7 +328,8 @@ class UpscalerHeadsUp(_upscaler.Upscaler):
             # The core's memory policy: tiles from the budget (0 = automatic), halved and retried on OOM.
             return upscale_with_retry(pipe, img.convert("RGB"), scale=self.scale, reference=reference,
                                       face_analyzer=analyzer, tile_size=opts["tile_size"] or None,
-                                      color_fix=opts["color_fix"], progress=progress, interrupt=_interrupted)
+                                      color_fix=opts["color_fix"], progress=progress, interrupt=_interrupted,
+                                      tag_source=tag_source())
         except hu_errors.InterruptedByUser:
             # The core's interrupt -> A1111's convention (an interrupted step hands its input on), said once.
             print("HeadsUp: interrupted by the user; the image is passed on unscaled.")
@@ -336,6 +338,19 @@ class UpscalerHeadsUp(_upscaler.Upscaler):
             pipe.to(devices.cpu if hasattr(devices, "cpu") else "cpu")
             if hasattr(devices, "torch_gc"):
                 devices.torch_gc()
+
+
+def tag_source():
+    """The setting "HeadsUp tags": None, or the DAPE/RAM tagger reading models/HeadsUp/ram/ (cached, on the CPU)."""
+    mode = getattr(getattr(shared, "opts", None), "headsup_tags", "none") or "none"
+    if mode == "none":
+        return None
+    if _TAGGER.get("key") != (mode, models_dir()):
+        from headsup_core.tags import DapeTagger
+
+        _TAGGER.update(key=(mode, models_dir()), tagger=DapeTagger(models_dir(), use_dape=mode == "dape",
+                                                                    device="cpu"))
+    return _TAGGER["tagger"]
 
 
 class ScriptPostprocessingHeadsUp(scripts_postprocessing.ScriptPostprocessing):
@@ -378,6 +393,9 @@ def on_ui_settings():
     shared.opts.add_option("headsup_base", shared.OptionInfo(
         AUTOMATIC, "HeadsUp base model (SD 2.x; Automatic = models/HeadsUp/base* or $HEADSUP_BASE)",
         gr.Dropdown, lambda: {"choices": base_choices()}, section=section))
+    shared.opts.add_option("headsup_tags", shared.OptionInfo(
+        "none", "HeadsUp tags in the prompt (OSEDiff's DAPE; files in models/HeadsUp/ram/)", gr.Radio,
+        {"choices": ["none", "dape", "ram"]}, section=section))
 
 
 try:

@@ -266,3 +266,23 @@ def test_osediff_weights_log_that_the_reference_is_ignored(webui, capsys):
     said = capsys.readouterr().out
     assert said.count("reference is ignored") == 1 and "conv_in" in said  # once, with the reason
     assert list(out.getdata()) == list(plain.getdata()) == list(again.getdata())
+
+
+def test_tags_setting_gives_the_dape_tagger(webui, monkeypatch):
+    import torch
+    from headsup_core.errors import MissingModelError
+    from headsup_core.tags.tiny import write_random_ram
+
+    mod, shared = webui
+    mod.on_ui_settings()
+    assert shared.opts.headsup_tags == "none" and mod.tag_source() is None
+    monkeypatch.setattr(shared.opts, "headsup_tags", "dape", raising=False)
+    with pytest.raises(MissingModelError, match="DAPE.pth"):
+        mod.tag_source()
+    paths = write_random_ram(os.path.join(mod.models_dir(), "ram"), num_classes=8)
+    tagger = mod.tag_source()
+    assert tagger.files.dape == paths["dape"] and mod.tag_source() is tagger  # cached
+    assert isinstance(tagger(torch.rand(1, 3, 32, 32)), str)
+    monkeypatch.setattr(shared.opts, "headsup_tags", "ram", raising=False)
+    assert mod.tag_source().files.dape is None
+    mod._TAGGER.clear()

@@ -29,7 +29,7 @@ COMFYUI = os.environ.get("COMFYUI_PATH")
 PACK_DIR = Path(__file__).resolve().parents[1]
 API_DIR = PACK_DIR / "workflows" / "api"
 NODE_IDS = ("HeadsUpLoader", "HeadsUpFaceAnalysisLoader", "HeadsUpReferenceEncoder", "HeadsUpUpscale",
-            "HeadsUpBlendUpscale", "HeadsUpPatchModel")
+            "HeadsUpBlendUpscale", "HeadsUpPatchModel", "HeadsUpTagger")
 INPUT_SIZES = {"portrait.png": (96, 66), "reference.png": (112, 112), "group.png": (112, 56),
                "person_a.png": (112, 112), "person_b.png": (112, 112), "black.png": (64, 64), "big.png": (320, 320)}
 
@@ -103,6 +103,9 @@ def _prepare_base(tiny, sd2, base):
     os.symlink(tiny["base"], models / "diffusers" / "base", target_is_directory=True)
     os.symlink(tiny["insightface_root"], models / "insightface", target_is_directory=True)
     os.symlink(tiny["facexlib_dir"], models / "facedetection", target_is_directory=True)
+    from headsup_core.tags.tiny import write_random_ram
+
+    write_random_ram(models / "ram", num_classes=32)  # the tagger's files, random, in RAM's layout
     _write_inputs(base / "input")
     # extra_model_paths.yaml must keep working for our folders: a second headsup folder outside models/.
     (base / "elsewhere" / "my_headsup").mkdir(parents=True)
@@ -254,7 +257,8 @@ def _id_of(api, class_type, title_part=""):
 @pytest.mark.parametrize("name,lq", [("headsup_portrait_x4", "portrait.png"),
                                      ("headsup_reference_x4", "portrait.png"),
                                      ("headsup_group_references", "group.png"),
-                                     ("headsup_graph_model_x4", "portrait.png")])
+                                     ("headsup_graph_model_x4", "portrait.png"),
+                                     ("headsup_portrait_tags_x4", "portrait.png")])
 def test_shipped_workflow_runs(server, name, lq):
     api = _workflow(name)
     log_start = len(server.log.read_text())
@@ -267,6 +271,10 @@ def test_shipped_workflow_runs(server, name, lq):
             src = api[node["inputs"]["images"][0]]["class_type"]
             expected = (512, 512) if src == "HeadsUpReferenceEncoder" else (4 * w, 4 * h)  # aligned face / mask
             assert _image_sizes(server, entry, node_id) == [expected], (name, node["_meta"]["title"])
+    if name == "headsup_portrait_tags_x4":  # the tagger's tags reached the upscaler's prompt
+        report = server.log.read_text()[log_start:]
+        assert re.search(r"HeadsUp tagger image 0: ", report) and re.search(r"HeadsUp image 0 tags: ", report), \
+            report[-2000:]
     if name == "headsup_group_references":  # the console report: each person's reference on its own face
         report = server.log.read_text()[log_start:]
         assert re.search(r"face 0 \[.*\]: reference 0 \(similarity", report), report[-2000:]
