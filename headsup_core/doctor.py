@@ -51,6 +51,11 @@ def report(root_arg=None) -> list[str]:
     fx = _files(root / "facedetection", ("*.pth",))
     lines.append("facexlib weights:")
     lines += [_line(True, str(f)) for f in fx] or [_line(False, f"none in {root / 'facedetection'}")]
+    from .tags.files import DAPE_WEIGHTS, RAM_WEIGHTS, TAG_LIST, TAG_THRESHOLDS
+
+    lines.append("DAPE tagger (--tags dape):")
+    lines += [_line((root / "ram" / n).is_file(), str(root / "ram" / n)) for n in
+              (RAM_WEIGHTS, DAPE_WEIGHTS, TAG_LIST, TAG_THRESHOLDS)]
     lines.append("Face backends (--faces auto takes the first):")
     try:
         from .faces.analyzer import find_backends
