@@ -101,7 +101,8 @@ def test_vision_multi_rename_and_tag_encoder_tie(tmp_path):
 
 
 def test_decision_thresholds_and_deleted_tags(tiny_ram, tmp_path):
-    tagger = DapeTagger(ram=tiny_ram["ram"], dape=tiny_ram["dape"], device="cpu", unload_after=False)
+    tagger = DapeTagger(ram=tiny_ram["ram"], dape=tiny_ram["dape"], device="cpu", unload_after=False,
+                        osediff_resize=False)
     img = _images(1)[0]
     probs = tagger.probabilities(img)[0]
     names = Path(tiny_ram["tag_list"]).read_text().splitlines()
@@ -110,7 +111,8 @@ def test_decision_thresholds_and_deleted_tags(tiny_ram, tmp_path):
     assert 0 < len(kept) < len(names)
     assert tagger(img) == ", ".join(kept) == tagger.last_tags
     first = names.index(kept[0])
-    deleting = DapeTagger(ram=tiny_ram["ram"], dape=tiny_ram["dape"], device="cpu", delete_tag_index=[first])
+    deleting = DapeTagger(ram=tiny_ram["ram"], dape=tiny_ram["dape"], device="cpu", delete_tag_index=[first],
+                          osediff_resize=False)
     assert deleting(img) == ", ".join(kept[1:])
     # RAM keeps a file threshold above 0.9 as it is, and caps lower ones at 0.9 (they all are below it)
     (tmp_path / "th.txt").write_text("\n".join(["0.95"] + ["0.5"] * (len(names) - 1)))
@@ -120,6 +122,29 @@ def test_decision_thresholds_and_deleted_tags(tiny_ram, tmp_path):
     assert tagger.loaded and tagger.size_bytes() > 0
     tagger.unload()
     assert not tagger.loaded and tagger(img) == ", ".join(kept)  # loaded again on use
+
+
+def test_default_input_is_what_test_osediff_tags(tiny_ram):
+    from PIL import Image
+
+    from headsup_core.tags.tagger import osediff_input
+
+    rng = np.random.RandomState(0)
+    for w, h in ((45, 30), (150, 133)):
+        arr = (rng.rand(h, w, 3) * 255).astype(np.uint8)
+        # test_osediff.py: enlarge to a 128 short side when smaller, x4 (PIL's default resample), LANCZOS to /8
+        img = Image.fromarray(arr)
+        if w < 128 or h < 128:
+            s = 128 / min(w, h)
+            img = img.resize((int(s * w), int(s * h)))
+        img = img.resize((img.size[0] * 4, img.size[1] * 4))
+        img = img.resize((img.width - img.width % 8, img.height - img.height % 8), Image.LANCZOS)
+        want = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255
+        got = osediff_input(torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 255)
+        assert got.shape == want.shape and torch.equal(got, want)
+    tagger = DapeTagger(ram=tiny_ram["ram"], dape=tiny_ram["dape"], device="cpu")
+    lq = torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 255
+    assert tagger(lq) == tagger.decide(tagger.probabilities(osediff_input(lq)))[0]
 
 
 def test_preprocess_is_torchvision_resize_then_imagenet_normalize():
@@ -136,7 +161,7 @@ def test_parity_with_ram_reference_small_swin(vocab_ram):
     small = dict(SMALL_SWIN, vision_width=SMALL_SWIN["embed_dim"] * 8)
     ref = ram_reference.load(vocab_ram["ram"], vocab_ram["dape"], vocab_ram["tag_list"], swin=small)
     ours = DapeTagger(ram=vocab_ram["ram"], dape=vocab_ram["dape"], tag_list=vocab_ram["tag_list"],
-                      thresholds=vocab_ram["thresholds"], device="cpu")
+                      thresholds=vocab_ram["thresholds"], device="cpu", osediff_resize=False)
     for img in _images(2, seed=5):
         ref_probs, ref_tags = ram_reference.run(ref, img)
         assert (ours.probabilities(img) - ref_probs).abs().max().item() < 1e-4

@@ -24,6 +24,7 @@ log = logging.getLogger("headsup")
 IMAGE_SIZE = 384
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+OSEDIFF_UPSCALE, OSEDIFF_PROCESS_SIZE = 4, 512  # test_osediff.py's defaults
 
 
 def preprocess(image: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
@@ -32,6 +33,25 @@ def preprocess(image: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+def osediff_input(image: torch.Tensor, upscale: int = OSEDIFF_UPSCALE,
+                  process_size: int = OSEDIFF_PROCESS_SIZE) -> torch.Tensor:
+    """What OSEDiff's test_osediff.py tags: the 8-bit input, first enlarged (bicubic) so its short side is at least
+    ``process_size // upscale`` when smaller, then resized x``upscale`` (bicubic) and to a multiple of 8 (LANCZOS),
+    all with PIL; back as a (1, 3, H, W) 0..1 tensor."""
+    import numpy as np
+    from PIL import Image
+
+    arr = (image[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    w, h = img.size
+    if w < process_size // upscale or h < process_size // upscale:
+        scale = (process_size // upscale) / min(w, h)
+        img = img.resize((int(scale * w), int(scale * h)), Image.BICUBIC)
+    img = img.resize((img.size[0] * upscale, img.size[1] * upscale), Image.BICUBIC)
+    img = img.resize((img.width - img.width % 8, img.height - img.height % 8), Image.LANCZOS)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255
 
 
 def build_net(state: dict, device=None, dtype=torch.float32):
@@ -52,18 +72,20 @@ class DapeTagger:
     """Callable tag source: ``tagger(image) -> "tag, tag, ..."`` for a (1, 3, H, W) 0..1 tensor.
 
     ``DapeTagger(root=None, ram=None, dape=None, ...)`` finds the files (``tags.files``); ``use_dape=False`` tags
-    with plain RAM. ``unload_after`` releases the network after every call (``None``: when the device's free
+    with plain RAM. ``osediff_resize`` (default) tags what test_osediff.py tags (``osediff_input``: the input
+    enlarged x4 with PIL); False tags the image as given. ``unload_after`` releases the network after every call (``None``: when the device's free
     memory is short). ``last_tags`` holds the tags of the latest call.
     """
 
     def __init__(self, root=None, ram=None, dape=None, tag_list=None, thresholds=None, *, use_dape: bool = True,
                  device=None, dtype=torch.float32, delete_tag_index=(), unload_after: bool | None = None,
-                 files: TaggerFiles | None = None):
+                 osediff_resize: bool = True, files: TaggerFiles | None = None):
         self.files = files or find_tagger_files(root, ram, dape, tag_list, thresholds, use_dape=use_dape)
         self.device = devices.pick_device(device)
         self.dtype = dtype
         self.delete_tag_index = tuple(int(i) for i in delete_tag_index)
         self.unload_after = unload_after
+        self.osediff_resize = osediff_resize
         self.net = None
         self.tags = self.thresholds = None
         self.last_tags: str | None = None
@@ -116,7 +138,11 @@ class DapeTagger:
             from ..imageio import to_batch
 
             image = to_batch(image).rgb
-        out = self.decide(self.probabilities(image))
+        if self.osediff_resize:
+            probs = torch.cat([self.probabilities(osediff_input(image[i:i + 1])) for i in range(image.shape[0])])
+        else:
+            probs = self.probabilities(image)
+        out = self.decide(probs)
         if self._should_unload():
             self.unload()
         return out
