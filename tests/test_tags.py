@@ -205,3 +205,18 @@ def test_cli_tags_and_upscale_with_dape(tiny_models, tiny_ram, tmp_path):
     run = subprocess.run([sys.executable, "-m", "headsup_core.cli", "tags", str(src), "--dape", str(tmp_path / "no.pth")],
                          capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 2 and "no.pth" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_released_after_a_call_when_memory_is_short(tiny_ram, monkeypatch):
+    import headsup_core.memory as memory
+
+    img = _images(1)[0]
+    forced = DapeTagger(ram=tiny_ram["ram"], dape=tiny_ram["dape"], device="cpu", unload_after=True)
+    forced(img)
+    assert not forced.loaded and forced.last_tags is not None
+    auto = DapeTagger(ram=tiny_ram["ram"], dape=tiny_ram["dape"], device="cpu")
+    auto(img)
+    assert auto.loaded  # plenty of free memory: kept for the next image
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 1)
+    auto(img)
+    assert not auto.loaded  # short: released before the UNet runs
