@@ -94,6 +94,9 @@ def test_vision_multi_rename_and_tag_encoder_tie(tmp_path):
     assert torch.equal(sd["tagging_head.encoder.layer.0.output.dense.weight"],
                        ram["tagging_head.encoder.layer.0.output.dense.weight"])
     assert torch.equal(sd["tagging_head.encoder.layer.1.intermediate.dense.bias"], torch.full((3072,), 0.25))
+    torch.save({"model": {"first_stage_model.x": torch.zeros(2)}}, tmp_path / "other.pth")
+    with pytest.raises(WeightsError, match="other.pth is not a RAM checkpoint"):
+        tagging_state_dict(tmp_path / "other.pth")
     del moved["label_embed"]
     torch.save({"model": moved}, tmp_path / "broken.pth")
     with pytest.raises(WeightsError, match="label_embed"):

@@ -176,8 +176,15 @@ def tagging_state_dict(ram_path, dape_path=None) -> dict:
     keys = {**ram_sd, **dape_sd}
     heads = {int(m.group(1)) for k in keys if (m := re.match(r"tagging_head\.encoder\.layer\.(\d+)\.", k))}
     n_head = max(heads) + 1 if heads else HEAD_LAYERS
+    try:
+        names = expected_keys(keys, get, n_head)
+    except WeightsError:
+        raise
+    except (KeyError, ValueError, IndexError) as err:
+        raise WeightsError(f"{ram_path} is not a RAM checkpoint: no Swin visual encoder in RAM's layout "
+                           f"(visual_encoder.patch_embed / layers.<i>.blocks.<j>; {err}).") from None
     out, missing = {}, []
-    for key in expected_keys(keys, get, n_head):
+    for key in names:
         t = get_shared(key) if key.startswith("tagging_head.") else get(key)
         if t is None:
             missing.append(key)
