@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 TAG_CHOICES = ("none", "dape", "ram")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def add_tag_arguments(parser, default: str = "none") -> None:
@@ -29,27 +28,12 @@ def tagger_from_args(args, root=None):
                       device=getattr(args, "device", None))
 
 
-def _images(inputs: list[str]) -> list[Path]:
-    from ..errors import InputImageError
-
-    files: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            files += sorted(f for f in item.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        elif item.is_file():
-            files.append(item)
-        else:
-            raise InputImageError(f"Input not found: {item}")
-    if not files:
-        raise InputImageError(f"No images found in {', '.join(inputs)}.")
-    return files
-
-
 def cmd_tags(args) -> int:
+    from ..batch import expand_inputs
     from ..imageio import load_image, to_batch
 
     tagger = tagger_from_args(args, args.models)
-    files = _images(args.inputs)
+    files = [src for src, _ in expand_inputs(args.inputs)]  # the same inputs (and refusals) as headsup upscale
     for src in files:
         tags = tagger(to_batch(load_image(src)).rgb)
         print(f"{src}: {tags}" if len(files) > 1 else tags)
