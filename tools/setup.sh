@@ -15,5 +15,5 @@ CONSTRAINTS="${HEADSUP_CONSTRAINTS-tools/constraints.txt}"  # empty: unlocked (t
 lock=()
 [ -n "$CONSTRAINTS" ] && lock=(--constraint "$CONSTRAINTS")
 .venv/bin/python -m pip install --quiet "${lock[@]}" "torch==2.15.0" "torchvision==0.29.2"
-.venv/bin/python -m pip install --quiet "${lock[@]}" -e ".[faces,train,eval,dev]"
+.venv/bin/python -m pip install --quiet "${lock[@]}" -e ".[faces,train,eval,dev,scale]"
 .venv/bin/python -c "import headsup_core, torch, diffusers; print('HeadsUp', headsup_core.__version__, '| torch', torch.__version__, '| diffusers', diffusers.__version__)"

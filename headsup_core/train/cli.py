@@ -29,6 +29,8 @@ def _range(text: str) -> tuple[float, float]:
 
 
 def cmd_dataset_build(args) -> int:
+    from pathlib import Path
+
     from .dataset import BuildOptions, build_dataset, format_summary
 
     opts = BuildOptions(min_size=args.min_size, aspect=args.aspect, min_eye_distance=args.min_eye_distance,
@@ -36,22 +38,50 @@ def cmd_dataset_build(args) -> int:
                         quality_percentile=args.quality_percentile, ref_similarity=args.ref_similarity,
                         near_dup_bits=args.near_dup_bits, test_fraction=args.test_fraction,
                         detect_size=args.detect_size, seed=args.seed, device=args.device)
-    analyzer = None
+    analyzer = factory = None
     if args.faces != "none":
+        import functools
+
         from ..faces import load_face_analyzer
 
-        analyzer = load_face_analyzer(args.faces, model_root=args.face_models, pack=args.face_pack,
-                                      device=args.device)
+        factory = functools.partial(load_face_analyzer, args.faces, model_root=args.face_models,
+                                    pack=args.face_pack, device=args.device)
+        analyzer = factory() if args.engine == "local" else True
     if analyzer is None:
         print("warning: --faces none: every image is rejected by the face rule")
-    identity = None
+    identity = id_factory = None
     if analyzer is not None:
+        import functools
+
         from ..faces.identity_net import default_embedder
 
-        identity = default_embedder(args.identity, device=args.device)
+        id_factory = functools.partial(default_embedder, args.identity, device=args.device)
+        identity = id_factory()
         print(f"identity: {identity.name if identity is not None else 'the face analyzer recognizer'}")
-    summary = build_dataset(args.sources, args.out, opts, analyzer=analyzer, progress=not args.no_progress,
-                            identity=identity)
+        if identity is None:
+            id_factory = None
+    if args.shard_size is None:
+        args.shard_size = 1000 if args.engine == "ray" else 0
+    if args.engine == "ray":
+        from .dataset_ray import RayOptions, build_dataset_ray
+
+        ro = RayOptions(address=args.ray_address, num_cpus=args.ray_cpus, batch_size=args.batch_size,
+                        cpu_concurrency=args.cpu_concurrency, face_actors=args.face_actors,
+                        quality_actors=args.quality_actors, gpus_per_actor=args.gpus_per_actor,
+                        shard_size=args.shard_size)
+        summary = build_dataset_ray(args.sources, args.out, opts, analyzer_factory=factory, ray_options=ro,
+                                    progress=not args.no_progress, identity_factory=id_factory)
+    else:
+        summary = build_dataset(args.sources, args.out, opts, analyzer=analyzer, progress=not args.no_progress,
+                                identity=identity)
+        if args.shard_size:
+            import json
+
+            from .shards import write_shards
+
+            recs = [json.loads(line) for line in (Path(args.out) / "manifest.jsonl").read_text().splitlines()]
+            pairs = [json.loads(line) for line in (Path(args.out) / "pairs.jsonl").read_text().splitlines()]
+            write_shards(args.out, recs, pairs, args.shard_size)
     print(format_summary(summary))
     print(f"manifest: {args.out}/manifest.jsonl   pairs: {args.out}/pairs.jsonl")
     return 0
@@ -120,13 +150,31 @@ def register(subparsers) -> None:
                         "else facexlib; facexlib has no identity embeddings)")
     b.add_argument("--face-models", metavar="DIR", help="face model root (insightface: folder with models/<pack>)")
     b.add_argument("--face-pack", metavar="NAME", help="insightface pack name (default antelopev2/buffalo_l)")
+    b.add_argument("--device", help="device for quality and face models (cpu, cuda, cuda:1)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the train/test split (default 0)")
     b.add_argument("--identity", default="auto", choices=("auto", "dlib", "analyzer"),
                    help="identity embeddings: auto/dlib = dlib's ResNet in torch, batched (public domain; auto "
                         "falls back to the analyzer without face-recognition-models), analyzer = the face "
                         "analyzer's own recognizer (default auto)")
-    b.add_argument("--device", help="device for quality and face models (cpu, cuda, cuda:1)")
-    b.add_argument("--seed", type=int, default=0, help="seed of the train/test split (default 0)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: one process (default); ray: Ray Data operators (needs the 'scale' extra), same "
+                        "results. Sources may then also be img2dataset .tar shards and .parquet/.csv path lists")
+    r = b.add_argument_group("--engine ray")
+    r.add_argument("--ray-address", metavar="ADDR",
+                   help="join a running Ray cluster ('auto', or ray://HEAD:10001); default: start a local Ray")
+    r.add_argument("--ray-cpus", type=int, metavar="N", help="CPUs of the local Ray (default: all)")
+    r.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per operator batch (default 8)")
+    r.add_argument("--cpu-concurrency", type=int, metavar="N",
+                   help="max parallel tasks of each CPU operator (default: Ray decides)")
+    r.add_argument("--face-actors", type=int, default=1, metavar="N",
+                   help="face model actors (one per GPU on a GPU cluster) (default 1)")
+    r.add_argument("--quality-actors", type=int, default=1, metavar="N", help="quality model actors (default 1)")
+    r.add_argument("--gpus-per-actor", type=float, metavar="G",
+                   help="GPUs per model actor (default 1 when the cluster has GPUs, else 0; fractions share a GPU)")
+    b.add_argument("--shard-size", type=int, default=None, metavar="N",
+                   help="write OUT/shards/*.tar WebDataset shards of N kept images and OUT/manifest.parquet "
+                        "(default 1000 with --engine ray, none with --engine local; 0 disables)")
     b.set_defaults(func=cmd_dataset_build)
 
     t = subparsers.add_parser(

@@ -20,11 +20,12 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from ..errors import HeadsUpError
+from .neighbours import UnionFind as _UnionFind
+from .quality import make_pyiqa_scorer
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
@@ -98,33 +99,39 @@ def _dec(s: str | None) -> np.ndarray | None:
     return None if s is None else np.frombuffer(base64.b64decode(s), np.float32)
 
 
-def analyse_image(path: Path, opts: BuildOptions, analyzer, scorer, identity=None) -> dict:
-    """Everything the rules need about one image; never raises for a bad file (it becomes a reject)."""
-    from PIL import Image, ImageOps
-
-    st = path.stat()
-    rec = {"path": str(path), "bytes": st.st_size, "mtime": st.st_mtime}
+def check_header(src, rec: dict, opts: BuildOptions) -> dict:
+    """Header size (EXIF orientation applied) and the size/aspect rules; ``src`` is a path or a file object."""
     try:
-        w, h = _header_size(path)
+        w, h = _header_size(src)
     except Exception as e:  # PIL raises many kinds for broken files
         return {**rec, "reject": "corrupt", "detail": f"unreadable image header ({type(e).__name__}: {e})"}
-    rec.update(width=w, height=h, aspect=round(w / h, 4))
+    rec = {**rec, "width": w, "height": h, "aspect": round(w / h, 4)}
     if max(w, h) < opts.min_size[0] or min(w, h) < opts.min_size[1]:
         return {**rec, "reject": "min_size", "detail": f"{w}x{h} is below {opts.min_size[0]}x{opts.min_size[1]}"}
     if not opts.aspect[0] <= w / h <= opts.aspect[1]:
         return {**rec, "reject": "aspect", "detail": f"aspect {w / h:.3f} outside {opts.aspect[0]}-{opts.aspect[1]}"}
+    return rec
+
+
+def decode_and_hash(data: bytes, rec: dict) -> tuple[dict, np.ndarray | None]:
+    """(record with sha256 and pHash, full-resolution RGB); a file that does not decode gives (reject, None)."""
+    import io
+
+    from PIL import Image, ImageOps
+
     try:
-        data = path.read_bytes()
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             rgb = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
     except Exception as e:
-        return {**rec, "reject": "corrupt", "detail": f"cannot decode ({type(e).__name__}: {e})"}
-    rec["sha256"] = hashlib.sha256(data).hexdigest()
-    rec["phash"] = phash(rgb)
-    small, s = _downscale(rgb, opts.detect_size)
+        return {**rec, "reject": "corrupt", "detail": f"cannot decode ({type(e).__name__}: {e})"}, None
+    return {**rec, "sha256": hashlib.sha256(data).hexdigest(), "phash": phash(rgb)}, rgb
+
+
+def detect_faces(small: np.ndarray, s: float, analyzer, identity=None) -> tuple[list[dict], str | None]:
+    """Faces found on the downscaled copy ``small`` (scale ``s``), in full-image pixels; and the identity model.
+    ``identity`` (an ``IdentityEmbedder``): embeds all faces of the image in one batch; None: the analyzer's own."""
     faces = []
     found = analyzer.detect(np.ascontiguousarray(small)) if analyzer is not None else []
-    # all faces of the image in one batch through the identity network (when one is given)
     embs = identity.embed_many(small, [f.kps for f in found]) if identity is not None and found else None
     for n, f in enumerate(found):
         kps = np.asarray(f.kps, np.float32) / s
@@ -132,39 +139,31 @@ def analyse_image(path: Path, opts: BuildOptions, analyzer, scorer, identity=Non
                       "det_score": round(float(f.det_score), 4),
                       "eye_distance": round(float(np.linalg.norm(kps[1] - kps[0])), 2),
                       "embedding": _enc(embs[n] if embs is not None else getattr(f, "embedding", None))})
-    rec["faces"] = faces
+    kind = None
     if identity is not None and analyzer is not None:
-        rec["identity_model"] = identity.kind
+        kind = identity.kind
     elif analyzer is not None and getattr(analyzer, "has_recognizer", False):
-        rec["identity_model"] = getattr(analyzer, "identity_kind", "arcface")
+        kind = getattr(analyzer, "identity_kind", "arcface")
+    return faces, kind
+
+
+def analyse_image(path: Path, opts: BuildOptions, analyzer, scorer, identity=None) -> dict:
+    """Everything the rules need about one image; never raises for a bad file (it becomes a reject).
+    The stages (``check_header``, ``decode_and_hash``, ``detect_faces``, the scorer) are shared with the Ray
+    engine (``dataset_ray``), which runs them as separate operators."""
+    st = path.stat()
+    rec = check_header(path, {"path": str(path), "bytes": st.st_size, "mtime": st.st_mtime}, opts)
+    if "reject" in rec:
+        return rec
+    rec, rgb = decode_and_hash(path.read_bytes(), rec)
+    if rgb is None:
+        return rec
+    rec["faces"], kind = detect_faces(*_downscale(rgb, opts.detect_size), analyzer, identity)
+    if kind:
+        rec["identity_model"] = kind
     if scorer is not None:
         rec["quality"] = float(scorer(_downscale(rgb, opts.quality_size)[0]))
     return rec
-
-
-def make_pyiqa_scorer(metric: str, weights: str | None, device: str | None) -> tuple[Callable | None, str]:
-    """(scorer, note). A metric whose weights cannot be loaded offline gives (None, reason): the rule is skipped."""
-    if metric in (None, "", "none"):
-        return None, "quality rule disabled (--quality-metric none)"
-    try:
-        import pyiqa
-        import torch
-    except ImportError:
-        return None, "quality rule skipped: pyiqa is not installed (pip install pyiqa)"
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    kw = {"pretrained_model_path": weights} if weights else {}
-    try:
-        m = pyiqa.create_metric(metric, device=dev, as_loss=False, **kw)
-    except Exception as e:  # offline: the download of the metric's weights fails
-        return None, (f"quality rule skipped: pyiqa metric {metric!r} could not be loaded ({type(e).__name__}: "
-                      f"{str(e)[:200]}); put its weights in pyiqa's cache or pass --quality-weights")
-
-    def score(rgb: np.ndarray) -> float:
-        x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float().div(255).to(dev)
-        with torch.no_grad():
-            return float(m(x).flatten()[0])
-
-    return score, f"pyiqa {metric} ({'higher' if not m.lower_better else 'lower'} is better)"
 
 
 # ---------------------------------------------------------------- whole-set rules
@@ -186,22 +185,6 @@ def near_duplicates(hashes: list[str], order: list[int], max_bits: int) -> dict[
                 continue
         kept_h[n], kept_i[n], n = h[i], i, n + 1
     return dropped
-
-
-class _UnionFind:
-    def __init__(self, n):
-        self.p = list(range(n))
-
-    def find(self, a):
-        while self.p[a] != a:
-            self.p[a] = self.p[self.p[a]]
-            a = self.p[a]
-        return a
-
-    def union(self, a, b):
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.p[max(ra, rb)] = min(ra, rb)
 
 
 def group_identities(face_img: np.ndarray, emb: np.ndarray, thr: float, chunk: int = 4096,
@@ -306,7 +289,10 @@ def _reject(r, reason, detail):
     r["reject"], r["detail"] = reason, detail
 
 
-def apply_rules(recs: list[dict], opts: BuildOptions, q_note: str) -> dict:
+def apply_rules(recs: list[dict], opts: BuildOptions, q_note: str, near_fn=None, link_fn=None) -> dict:
+    """The whole-set rules. ``near_fn``/``link_fn`` replace ``near_duplicates``/``group_identities`` with
+    equivalents of the same signature (the Ray engine passes the nearest-neighbour ones of ``neighbours``)."""
+    near_fn, link_fn = near_fn or near_duplicates, link_fn or group_identities
     seen: dict[str, str] = {}
     for r in recs:  # exact duplicates: the first path (sorted) is kept
         if "reject" in r:
@@ -336,7 +322,7 @@ def apply_rules(recs: list[dict], opts: BuildOptions, q_note: str) -> dict:
     order = sorted(live_idx, key=lambda i: (-(recs[i].get("quality") or 0.0),
                                             -recs[i]["width"] * recs[i]["height"], recs[i]["path"]))
     pos = {i: n for n, i in enumerate(live_idx)}
-    for i, j in near_duplicates([recs[i]["phash"] for i in live_idx], [pos[i] for i in order],
+    for i, j in near_fn([recs[i]["phash"] for i in live_idx], [pos[i] for i in order],
                                 opts.near_dup_bits).items():
         _reject(recs[live_idx[i]], "near_duplicate", f"perceptual hash within {opts.near_dup_bits} bits of "
                                                      f"{recs[live_idx[j]]['path']}")
@@ -349,7 +335,7 @@ def apply_rules(recs: list[dict], opts: BuildOptions, q_note: str) -> dict:
             if e is not None and f["eye_distance"] >= opts.min_eye_distance:
                 fimg.append(i), fidx.append(k), embs.append(e / max(np.linalg.norm(e), 1e-8))
     kind = next((recs[i]["identity_model"] for i in kept if recs[i].get("identity_model")), "arcface")
-    ids, links = (group_identities(np.array(fimg), np.stack(embs), opts.ref_similarity, identity_kind=kind)
+    ids, links = (link_fn(np.array(fimg), np.stack(embs), opts.ref_similarity, identity_kind=kind)
                   if embs else ([], []))
     img_uf = _UnionFind(len(recs))
     for a, b, _ in links:
