@@ -174,10 +174,12 @@ def run_pipeline(items: list[dict], opts: D.BuildOptions, analyzer_factory, scor
                         batch_size=ro.batch_size, batch_format="pandas", **cpu_kw)
     face_kw = {"analyzer_factory": analyzer_factory, "identity_factory": identity_factory}
     ds = ds.map_batches(FaceStage, fn_constructor_kwargs=face_kw,
-                        batch_size=ro.batch_size, batch_format="pandas", concurrency=ro.face_actors, num_gpus=gpus)
+                        batch_size=ro.batch_size, batch_format="pandas",
+                        compute=ray.data.ActorPoolStrategy(size=ro.face_actors), num_gpus=gpus)
     if scorer_factory is not None:
         ds = ds.map_batches(QualityStage, fn_constructor_kwargs={"scorer_factory": scorer_factory},
-                            batch_size=ro.batch_size, batch_format="pandas", concurrency=ro.quality_actors,
+                            batch_size=ro.batch_size, batch_format="pandas",
+                            compute=ray.data.ActorPoolStrategy(size=ro.quality_actors),
                             num_gpus=gpus if opts.device != "cpu" else 0.0)
     for batch in ds.iter_batches(batch_size=ro.batch_size, batch_format="pandas"):
         for r in batch["rec"]:
