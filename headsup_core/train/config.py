@@ -51,13 +51,15 @@ def load_train_config(path=None, overrides: dict | None = None) -> dict:
     for sec, keys in (("data", DATA_PATH_KEYS), ("losses", LOSS_PATH_KEYS)):
         for k in keys:
             cfg[sec][k] = _resolve(cfg[sec].get(k), root)
-    cfg["data"]["folders"] = [_resolve(f, root) for f in cfg["data"].get("folders") or []]
+    for k in ("folders", "shards"):
+        cfg["data"][k] = [_resolve(f, root) for f in cfg["data"].get(k) or []]
     for st in cfg["stages"]:
         for k in DATA_PATH_KEYS:
             if k in st.get("data", {}):
                 st["data"][k] = _resolve(st["data"][k], root)
-        if "folders" in st.get("data", {}):
-            st["data"]["folders"] = [_resolve(f, root) for f in st["data"]["folders"]]
+        for k in ("folders", "shards"):
+            if k in st.get("data", {}):
+                st["data"][k] = [_resolve(f, root) for f in st["data"][k]]
     return cfg
 
 

@@ -42,6 +42,28 @@ def format_prompt(tags: str = "", prompt: str = "") -> str:
     return f"{tags or ''}, {prompt or ''},"
 
 
+def load_shard_samples(shards, split: str = "train") -> tuple[list[Sample], list[str]]:
+    """Kept images of ``split`` from the builder's WebDataset shards (``shards.py``), in key order, and the shard
+    of each (for shard-local reading order). Images are read from the tars (``wds:TAR#OFFSET:SIZE`` paths)."""
+    from .shards import index_shards, shard_member_path
+
+    index = index_shards(shards)
+    if not index:
+        raise HeadsUpError(f"No WebDataset shards with images and JSON found in {shards}; build them with "
+                           "`headsup dataset build --engine ray` (or --shard-size N).")
+    out, groups = [], []
+    for key in sorted(index):
+        e, j = index[key], index[key]["json"]
+        if j.get("split", "train") != split:
+            continue
+        refs = {int(k): [("wds:" + shard_member_path(index[rk]), kps) for rk, _, kps in v if rk in index]
+                for k, v in j.get("references", {}).items()}
+        out.append(Sample("wds:" + shard_member_path(e), j.get("faces", []), {k: v for k, v in refs.items() if v},
+                          manifest_tags(j)))
+        groups.append(e["tar"])
+    return out, groups
+
+
 def load_samples(manifest=None, folders=(), split: str = "train") -> list[Sample]:
     """Kept images of ``split`` from a builder manifest (with their reference pairs), plus plain folders."""
     from .dataset import list_images
@@ -72,8 +94,15 @@ def load_samples(manifest=None, folders=(), split: str = "train") -> list[Sample
 
 
 def _read_rgb(path: str) -> np.ndarray:
+    """An image file, or a member of a WebDataset shard (``wds:TAR#OFFSET:SIZE``)."""
+    import io
+
     from PIL import Image, ImageOps
 
+    if path.startswith("wds:"):
+        from .shards import read_member
+
+        path = io.BytesIO(read_member(path[4:]))
     with Image.open(path) as im:
         return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
 
@@ -198,7 +227,7 @@ class PortraitCrops(torch.utils.data.Dataset):
         lq_shape = (g // self.scale, g // self.scale, 3)
         cond = build_face_condition(np.zeros(lq_shape, np.uint8), (g, g), None, refs or None, match_threshold=0.5,
                                     mask_without_reference=True, faces=faces)
-        return {"gt": torch.from_numpy(crop).permute(2, 0, 1).float().div(255),
+        return {"index": index, "seed": seed, "gt": torch.from_numpy(crop).permute(2, 0, 1).float().div(255),
                 "canvas": cond.canvas[0], "mask": cond.mask[0], "has_ref": torch.tensor(cond.has_reference),
                 "boxes": torch.from_numpy(np.array(loss_boxes, np.float32).reshape(-1, 4)),
                 "align": torch.from_numpy(np.array(loss_align, np.float32).reshape(-1, 2, 3)),
@@ -211,6 +240,9 @@ def collate(items: list[dict]) -> dict:
     out = {k: torch.stack([it[k] for it in items]) for k in ("gt", "canvas", "mask", "has_ref")}
     idx = torch.cat([torch.full((len(it["boxes"]), 1), float(i)) for i, it in enumerate(items)])
     out["tags"] = [it.get("tags", "") for it in items]
+    if all("index" in it for it in items):  # sample indices (logged) and per-sample seeds (the LQ synthesis)
+        out["index"] = torch.tensor([int(it["index"]) for it in items], dtype=torch.long)
+        out["seeds"] = [int(it["seed"]) for it in items]
     out["ref_windows"] = [it.get("ref_windows", torch.zeros(0, 4, dtype=torch.long)) for it in items]
     out["faces"] = {"boxes": torch.cat([idx, torch.cat([it["boxes"] for it in items])], 1),
                     "align": torch.cat([it["align"] for it in items])}
@@ -218,15 +250,31 @@ def collate(items: list[dict]) -> dict:
 
 
 class StepBatches(torch.utils.data.Sampler):
-    """Batch sampler: global step s -> this process's slice of the s-th global batch, with per-sample seeds."""
+    """Batch sampler: global step s -> this process's slice of the s-th global batch, with per-sample seeds.
+
+    Global position p = s x (batch x world) + rank x batch + j walks seeded per-epoch permutations, so over the
+    ranks every sample is used once per epoch: none twice, none dropped (an epoch that does not fill the last
+    global batch continues into the next one). DataLoader workers take whole batches in turn, so they split the
+    work without changing it. ``groups`` (e.g. the shard of each sample): the permutation shuffles the groups,
+    then the samples within each, so consecutive positions read one shard at a time (WebDataset-style streaming).
+    """
 
     def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0, world: int = 1, rank: int = 0,
-                 steps: int | None = None):
+                 steps: int | None = None, groups: list | None = None):
         self.n, self.bs, self.seed, self.start, self.world, self.rank = n, batch_size, seed, start_step, world, rank
         self.steps = steps
+        self.groups = None
+        if groups is not None:
+            by: dict = {}
+            for i, g in enumerate(groups):
+                by.setdefault(g, []).append(i)
+            self.groups = [np.array(by[g]) for g in sorted(by)]
 
     def _perm(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.groups is None:
+            return rng.permutation(self.n)
+        return np.concatenate([rng.permutation(self.groups[g]) for g in rng.permutation(len(self.groups))])
 
     def batch(self, step: int) -> list[tuple[int, int]]:
         gb = self.bs * self.world

@@ -311,10 +311,20 @@ class Trainer:
 
     # ---------------------------------------------------------------- training
     def make_lq(self, gt: torch.Tensor, step: int, salt: int = 0, base_seed: int | None = None,
-                resize_mode: str | None = None) -> torch.Tensor:
+                resize_mode: str | None = None, seeds: list[int] | None = None) -> torch.Tensor:
         """Degraded LQ, resized back to GT size. Training (``resize_mode`` None) draws the resize-back mode per
-        image and rounds to 8 bits, as OSEDiff; validation passes ``"bicubic"``, as inference upscales."""
+        image and rounds to 8 bits, as OSEDiff; validation passes ``"bicubic"``, as inference upscales.
+        ``seeds`` (training: the data's per-sample seeds): each image's LQ depends on its own seed only, so the
+        same global batch gives the same LQ whatever the number of processes."""
         from ..degradations import resize_back
+
+        if seeds is not None and resize_mode is None:
+            outs = []
+            for i, sd in enumerate(seeds):
+                sd = (int(sd) * 7919 + salt) % 2**62
+                lq = self.degrade(gt[i:i + 1], seed=sd)
+                outs.append(resize_back(lq, gt.shape[-2:], seed=sd + 1, modes=self.degrade.cfg["resize_modes"]))
+            return torch.cat(outs)
 
         base = self.cfg["seed"] if base_seed is None else base_seed
         seed = (base * 1_000_003 + step * 7919 + self.acc.process_index * 131 + salt) % 2**62
@@ -328,7 +338,7 @@ class Trainer:
 
         w, dev = stage["losses"], self.acc.device
         gt = batch["gt"].to(dev)
-        x_src, x_tgt = self.make_lq(gt, self.step) * 2 - 1, gt * 2 - 1
+        x_src, x_tgt = self.make_lq(gt, self.step, seeds=batch.get("seeds")) * 2 - 1, gt * 2 - 1
         faces = {k: v.to(dev) for k, v in batch["faces"].items()}
         embeds = self.prompt_embeds_for(batch.get("tags"))
         self.generator.train()
@@ -373,17 +383,25 @@ class Trainer:
         logs.update({k: v.item() for k, v in losses.items()})
         logs["total"] = total.item()
         logs["faces"] = int(faces["boxes"].shape[0])
+        if "index" in batch:  # the global batch's sample indices, in rank order (gathered from all processes)
+            logs["samples"] = self.acc.gather(batch["index"].to(dev)).tolist()
         return logs
 
     def _loader(self, stage: dict, start: int, steps: int, split="train"):
-        from .data import PortraitCrops, StepBatches, collate, load_samples
+        from .data import PortraitCrops, StepBatches, collate, load_samples, load_shard_samples
 
         d = stage["data"]
-        samples = load_samples(d.get("manifest"), d.get("folders") or (), split)
+        groups = None
+        if d.get("shards"):
+            samples, groups = load_shard_samples(d["shards"], split)
+            if d.get("manifest") or d.get("folders"):
+                raise HeadsUpError("data.shards cannot be mixed with data.manifest/data.folders in one stage.")
+        else:
+            samples = load_samples(d.get("manifest"), d.get("folders") or (), split)
         ds = PortraitCrops(samples, d["gt_size"], d["scale"], d["ref_dropout"], d["face_crop_prob"],
                            d["min_eye_distance"], d["flip_prob"], d["self_reference"])
         sampler = StepBatches(len(ds), d["batch_size"], self.cfg["seed"] + stage["index"], start,
-                              self.acc.num_processes, self.acc.process_index, steps)
+                              self.acc.num_processes, self.acc.process_index, steps, groups)
         # its own generator: creating a loader must not draw from the global RNG (exact resume depends on it)
         return torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate,
                                            num_workers=d["num_workers"], generator=torch.Generator().manual_seed(0))

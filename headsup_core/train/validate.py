@@ -11,11 +11,14 @@ import torch.nn.functional as F
 def validation_items(trainer, n: int | None = None) -> list[dict]:
     """The first ``n`` validation crops (test split of the manifest, else the training data), fixed seeds."""
     from .config import stage_plan
-    from .data import PortraitCrops, load_samples
+    from .data import PortraitCrops, load_samples, load_shard_samples
 
     d = stage_plan(trainer.cfg)[-1]["data"]
-    samples = load_samples(d.get("manifest"), (), "test") if d.get("manifest") else []
-    samples = samples or load_samples(d.get("manifest"), d.get("folders") or (), "train")
+    if d.get("shards"):
+        samples = load_shard_samples(d["shards"], "test")[0] or load_shard_samples(d["shards"], "train")[0]
+    else:
+        samples = load_samples(d.get("manifest"), (), "test") if d.get("manifest") else []
+        samples = samples or load_samples(d.get("manifest"), d.get("folders") or (), "train")
     ds = PortraitCrops(samples, d["gt_size"], d["scale"], 0.0, 1.0, d["min_eye_distance"], flip_prob=0.0,
                        self_ref=d.get("self_reference", False))
     n = min(n or trainer.cfg["val_images"], len(ds))
