@@ -113,7 +113,9 @@ def _write_cfg(path: Path, shard_set, out: Path, batch_size: int, steps: int = 4
 def _launch(cfg: Path, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HEADSUP_CPU_BF16": "none",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    # --multi_gpu selects the torchrun launcher; `train --device cpu` then makes accelerate use gloo on the CPU
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
            "-m", "headsup_core.cli", "train", str(cfg), "--device", "cpu", *extra]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
@@ -142,12 +144,17 @@ def test_two_processes_equal_one_and_resume(shard_set, tmp_path):
     assert [h["samples"] for h in h2] == [h["samples"] for h in h1]  # same global batches, split over ranks
     used = [i for h in h2 for i in h["samples"]]
     assert len(used) == 8 and all(used.count(i) <= -(-8 // shard_set["kept"]) for i in set(used))
-    # tolerance: the all-reduce sums gradients in another order than one process's batch mean
-    assert np.allclose([h["total"] for h in h2], [h["total"] for h in h1], rtol=1e-4, atol=1e-6)
+    # Tolerance. The all-reduce sums the gradients in another order than one process's batch mean (float
+    # rounding), and Adam normalises each element's step, so an element whose gradient is ~0 may move by up to
+    # about one step (lr) differently. Stated: per-step loss within 1e-4 relative, trained tensors within 1e-3
+    # relative L2 (measured 1.5e-4 after 4 steps at lr 1e-3), no element further apart than 4 x lr.
     a, b = _tensors(tmp_path / "one" / "headsup_final.safetensors"), _tensors(two / "headsup_final.safetensors")
     assert a.keys() == b.keys()
     worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-    assert worst <= 1e-4, worst
+    rel = (sum(float(((a[k].float() - b[k].float()) ** 2).sum()) for k in a)
+           / sum(float((a[k].float() ** 2).sum()) for k in a)) ** 0.5
+    t1, t2 = [h["total"] for h in h1], [h["total"] for h in h2]
+    assert np.allclose(t2, t1, rtol=1e-4, atol=1e-6) and rel <= 1e-3 and worst <= 4e-3, (t1, t2, rel, worst)
     # rank 0 alone writes checkpoints; each rank saves only its own RNG state in the resumable state
     assert sorted(p.name for p in two.glob("*.safetensors")) == ["headsup_final.safetensors"]
     states = sorted((two / "state").glob("step_*"))

@@ -380,8 +380,11 @@ class Trainer:
                 self.opt_disc.step()
                 self.opt_disc.zero_grad(set_to_none=True)
                 logs["disc"] = d_loss.item()
-        logs.update({k: v.item() for k, v in losses.items()})
-        logs["total"] = total.item()
+        vals = {**losses, "total": total}
+        if self.acc.num_processes > 1:  # the global batch's mean, as one process would log it
+            red = self.acc.reduce(torch.stack([v.detach().float() for v in vals.values()]), "mean")
+            vals = dict(zip(vals, red))
+        logs.update({k: v.item() for k, v in vals.items()})
         logs["faces"] = int(faces["boxes"].shape[0])
         if "index" in batch:  # the global batch's sample indices, in rank order (gathered from all processes)
             logs["samples"] = self.acc.gather(batch["index"].to(dev)).tolist()
