@@ -47,10 +47,11 @@ def test_group_identities_nn_equals_all_pairs():
     emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
     face_img = np.array([k // 2 for k in range(300)])  # two faces per image: same-image pairs never link
     for thr, kind in ((0.65, "arcface"), (0.5, "arcface"), (0.65, "dlib")):
-        try:
-            ids, links = group_identities(face_img, emb, thr, identity_kind=kind)
-        except Exception:  # an identity model this checkout does not know
+        from headsup_core.faces.identity import CALIBRATIONS
+
+        if kind not in CALIBRATIONS and kind != "arcface":  # an identity model this checkout does not know
             continue
+        ids, links = group_identities(face_img, emb, thr, identity_kind=kind)
         ids2, links2 = group_identities_nn(face_img, emb, thr, identity_kind=kind)
         assert ids2 == ids
         assert [(a, b) for a, b, _ in links2] == [(a, b) for a, b, _ in links]
@@ -189,7 +190,7 @@ def test_ray_engine_reads_tar_shards_and_lists(ray_session, faces_dir, tmp_path)
     ro = RayOptions(batch_size=4, shard_size=0)
     ref = build_dataset([src], tmp_path / "local", _opts(), analyzer=factory(), scorer=_mean_quality(),
                         progress=False)
-    by_list = build_dataset_ray([tmp_path / "list.csv"], tmp_path / "l", _opts(), analyzer_factory=factory,
+    build_dataset_ray([tmp_path / "list.csv"], tmp_path / "l", _opts(), analyzer_factory=factory,
                                 scorer=_mean_quality, ray_options=ro, progress=False)
     assert _read(tmp_path / "l") == _read(tmp_path / "local")
     by_tar = build_dataset_ray([shard_dir], tmp_path / "t", _opts(), analyzer_factory=factory,

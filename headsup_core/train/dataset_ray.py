@@ -49,7 +49,7 @@ class RayOptions:
 def _ray():
     try:
         import ray
-        import ray.data  # noqa: F401
+        import ray.data
     except ImportError as e:
         raise MissingDependencyError('--engine ray needs Ray Data; run `pip install "comfyui-headsup[scale]"`.') from e
     return ray

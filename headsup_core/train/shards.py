@@ -107,8 +107,8 @@ def write_parquet_manifest(path: Path, recs: list[dict], plans: list[dict]):
     except ImportError as e:
         from ..errors import MissingDependencyError
 
-        raise MissingDependencyError('The parquet manifest needs pyarrow; run `pip install "comfyui-headsup[scale]"`.') \
-            from e
+        raise MissingDependencyError(
+            'The parquet manifest needs pyarrow; run `pip install "comfyui-headsup[scale]"`.') from e
 
     where = {j["path"]: (j["shard"], j["key"]) for p in plans for _, j in p["items"]}
     cols = {k: [] for k in ("path", "status", "reject", "detail", "width", "height", "bytes", "sha256", "phash",
@@ -119,8 +119,8 @@ def write_parquet_manifest(path: Path, recs: list[dict], plans: list[dict]):
         vals = {**{k: r.get(k) for k in cols}, "status": status, "n_faces": len(faces),
                 "faces": json.dumps(faces), "shard": where.get(r["path"], (None, None))[0],
                 "key": where.get(r["path"], (None, None))[1]}
-        for k in cols:
-            cols[k].append(vals[k])
+        for k, col in cols.items():
+            col.append(vals[k])
     tmp = path.with_suffix(".tmp")
     pq.write_table(pa.table(cols), tmp)
     os.replace(tmp, path)

@@ -106,7 +106,7 @@ def list_items(sources) -> list[dict]:
 
 
 def read_bytes(item: dict) -> bytes:
-    path, sep, member = item["path"].rpartition("#") if "offset" in item else (item["path"], "", "")
+    path, sep, _ = item["path"].rpartition("#") if "offset" in item else (item["path"], "", "")
     with open(path if sep else item["path"], "rb") as fh:
         if sep:
             fh.seek(item["offset"])
