@@ -224,3 +224,35 @@ def test_cli_engine_flag_without_ray_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setattr(builtins, "__import__", no_ray)
     with pytest.raises(MissingDependencyError, match=r"comfyui-headsup\[scale\]"):
         _ray()
+
+
+def test_cli_passes_ray_options_and_local_writes_shards_on_request(monkeypatch, tmp_path, capsys):
+    """``--engine ray`` reaches build_dataset_ray with the options (faces as a factory, not a loaded model);
+    ``--engine local --shard-size N`` writes the same kind of shards."""
+    pytest.importorskip("pyarrow")
+    import headsup_core.train.dataset_ray as R
+    from headsup_core.cli import main
+    from headsup_core.train.shards import index_shards
+
+    seen = {}
+
+    def fake(sources, out, opts, analyzer_factory=None, ray_options=None, progress=True):
+        seen.update(sources=sources, factory=analyzer_factory, ro=ray_options)
+        return build_dataset(sources, out, opts, analyzer=None, scorer=None, progress=False)
+
+    monkeypatch.setattr(R, "build_dataset_ray", fake)
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (300, 300), (90, 40, 20)).save(src / "a.png")
+    args = ["dataset", "build", str(src), str(tmp_path / "o"), "--engine", "ray", "--faces", "none",
+            "--quality-metric", "none", "--ray-address", "auto", "--batch-size", "4", "--face-actors", "3",
+            "--gpus-per-actor", "0.5", "--no-progress"]
+    assert main(args) == 0
+    ro = seen["ro"]
+    assert (ro.address, ro.batch_size, ro.face_actors, ro.gpus_per_actor, ro.shard_size) == ("auto", 4, 3, 0.5,
+                                                                                            1000)
+    assert seen["factory"] is None and "images found" in capsys.readouterr().out
+    # the local engine with shards: only kept images go in (here none: no faces), the parquet lists every image
+    assert main(["dataset", "build", str(src), str(tmp_path / "l"), "--faces", "none", "--quality-metric", "none",
+                 "--shard-size", "10", "--no-progress"]) == 0
+    assert (tmp_path / "l" / "manifest.parquet").is_file() and index_shards(tmp_path / "l" / "shards") == {}
