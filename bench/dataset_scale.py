@@ -122,8 +122,9 @@ def build_throughput(args, root: Path) -> list[tuple]:
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
             peak = _StorePeak(ray)
             peak.start()
-            ro = RayOptions(batch_size=args.batch_size, cpu_concurrency=workers, face_actors=workers,
-                            quality_actors=1, shard_size=0)
+            # "workers" = the CPUs of the local Ray; the two model actors reserve 0.25 each, CPU tasks 0.5
+            ro = RayOptions(batch_size=args.batch_size, face_actors=1, quality_actors=1, actor_cpus=0.25,
+                            task_cpus=0.5, shard_size=0)
             t = time.perf_counter()
             build_dataset_ray(files, root / f"out_ray{workers}", opts, analyzer_factory=factory,
                               scorer=_stand_in_quality if not args.quality_metric else "auto", ray_options=ro,

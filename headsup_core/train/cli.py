@@ -68,6 +68,7 @@ def cmd_dataset_build(args) -> int:
         ro = RayOptions(address=args.ray_address, num_cpus=args.ray_cpus, batch_size=args.batch_size,
                         cpu_concurrency=args.cpu_concurrency, face_actors=args.face_actors,
                         quality_actors=args.quality_actors, gpus_per_actor=args.gpus_per_actor,
+                        actor_cpus=args.actor_cpus, task_cpus=args.task_cpus,
                         shard_size=args.shard_size)
         summary = build_dataset_ray(args.sources, args.out, opts, analyzer_factory=factory, ray_options=ro,
                                     progress=not args.no_progress, identity_factory=id_factory)
@@ -172,6 +173,11 @@ def register(subparsers) -> None:
     r.add_argument("--quality-actors", type=int, default=1, metavar="N", help="quality model actors (default 1)")
     r.add_argument("--gpus-per-actor", type=float, metavar="G",
                    help="GPUs per model actor (default 1 when the cluster has GPUs, else 0; fractions share a GPU)")
+    r.add_argument("--actor-cpus", type=float, default=0.5, metavar="C",
+                   help="CPUs reserved per model actor (default 0.5)")
+    r.add_argument("--task-cpus", type=float, default=1.0, metavar="C",
+                   help="CPUs reserved per CPU task (default 1; must differ from --actor-cpus, or Ray fuses the "
+                        "decode stage into the model actors)")
     b.add_argument("--shard-size", type=int, default=None, metavar="N",
                    help="write OUT/shards/*.tar WebDataset shards of N kept images and OUT/manifest.parquet "
                         "(default 1000 with --engine ray, none with --engine local; 0 disables)")

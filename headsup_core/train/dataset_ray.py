@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import MissingDependencyError
+from ..errors import HeadsUpError, MissingDependencyError
 from . import dataset as D
 from .neighbours import group_identities_nn, near_duplicates_nn
 
@@ -43,6 +43,8 @@ class RayOptions:
     face_actors: int = 1                # face actor pool size
     quality_actors: int = 1             # quality actor pool size
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    actor_cpus: float = 0.5             # CPUs reserved per model actor
+    task_cpus: float = 1.0              # CPUs reserved per CPU task (must differ from actor_cpus, see below)
     shard_size: int = 1000              # kept images per output WebDataset shard (0: no shards)
 
 
@@ -165,7 +167,12 @@ def run_pipeline(items: list[dict], opts: D.BuildOptions, analyzer_factory, scor
     gpus = ro.gpus_per_actor
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    cpu_kw = {"concurrency": ro.cpu_concurrency} if ro.cpu_concurrency else {}
+    # Ray Data fuses a task stage into the next actor stage when their resource requests are equal; then the
+    # decode work would run inside the face actors, serially. Different num_cpus keep them separate operators.
+    if ro.task_cpus == ro.actor_cpus and not gpus:
+        raise HeadsUpError("--task-cpus must differ from --actor-cpus (else Ray fuses the CPU stages into "
+                         "the model actors)")
+    cpu_kw = {"num_cpus": ro.task_cpus, **({"concurrency": ro.cpu_concurrency} if ro.cpu_concurrency else {})}
     ds = ray.data.from_items([{"item": json.dumps(it)} for it in items],  # one block per batch: streams
                              override_num_blocks=max(1, -(-len(items) // max(1, ro.batch_size))))
     ds = ds.map_batches(read_and_check, fn_kwargs={"opts": opts}, batch_size=ro.batch_size,
@@ -175,12 +182,13 @@ def run_pipeline(items: list[dict], opts: D.BuildOptions, analyzer_factory, scor
     face_kw = {"analyzer_factory": analyzer_factory, "identity_factory": identity_factory}
     ds = ds.map_batches(FaceStage, fn_constructor_kwargs=face_kw,
                         batch_size=ro.batch_size, batch_format="pandas",
-                        compute=ray.data.ActorPoolStrategy(size=ro.face_actors), num_gpus=gpus)
+                        compute=ray.data.ActorPoolStrategy(size=ro.face_actors), num_gpus=gpus,
+                        num_cpus=ro.actor_cpus)
     if scorer_factory is not None:
         ds = ds.map_batches(QualityStage, fn_constructor_kwargs={"scorer_factory": scorer_factory},
                             batch_size=ro.batch_size, batch_format="pandas",
                             compute=ray.data.ActorPoolStrategy(size=ro.quality_actors),
-                            num_gpus=gpus if opts.device != "cpu" else 0.0)
+                            num_gpus=gpus if opts.device != "cpu" else 0.0, num_cpus=ro.actor_cpus)
     for batch in ds.iter_batches(batch_size=ro.batch_size, batch_format="pandas"):
         for r in batch["rec"]:
             yield json.loads(r)
