@@ -125,16 +125,23 @@ def _read(out):
     return {n: (out / n).read_text() for n in ("manifest.jsonl", "pairs.jsonl", "summary.json")}
 
 
+def _identity_factory():
+    """The default identity network (dlib's ResNet in torch) when its weights are installed, else None."""
+    from headsup_core.faces.identity_net import default_embedder
+
+    return functools.partial(default_embedder, "dlib") if default_embedder("auto") is not None else None
+
+
 def test_ray_engine_equals_local(ray_session, faces_dir, tmp_path):
     from headsup_core.train.dataset_ray import RayOptions, build_dataset_ray
     from headsup_core.train.shards import index_shards
 
-    src, factory = faces_dir["src"], faces_dir["factory"]
+    src, factory, ident = faces_dir["src"], faces_dir["factory"], _identity_factory()
     local = build_dataset([src], tmp_path / "local", _opts(), analyzer=factory(), scorer=_mean_quality(),
-                          progress=False)
+                          progress=False, identity=ident() if ident else None)
     ro = RayOptions(batch_size=3, face_actors=1, quality_actors=1, shard_size=4)
     ray_s = build_dataset_ray([src], tmp_path / "ray", _opts(), analyzer_factory=factory, scorer=_mean_quality,
-                              ray_options=ro, progress=False)
+                              ray_options=ro, progress=False, identity_factory=ident)
     assert _read(tmp_path / "ray") == _read(tmp_path / "local")
     assert ray_s["kept"] == local["kept"] >= 5 and ray_s["rejected"] == local["rejected"]
     for rule in ("exact_duplicate", "near_duplicate", "corrupt", "min_size"):
@@ -159,7 +166,7 @@ def test_ray_engine_equals_local(ray_session, faces_dir, tmp_path):
     assert len(t) == local["total"] and sum(r["key"] is not None for r in t) == local["kept"]
     # a re-run analyses nothing and rewrites no shard
     again = build_dataset_ray([src], tmp_path / "ray", _opts(), analyzer_factory=factory, scorer=_mean_quality,
-                              ray_options=ro, progress=False)
+                              ray_options=ro, progress=False, identity_factory=ident)
     assert again["analysed_this_run"] == 0 and again["shards"]["written"] == 0
     assert _read(tmp_path / "ray") == _read(tmp_path / "local")
 
@@ -236,7 +243,7 @@ def test_cli_passes_ray_options_and_local_writes_shards_on_request(monkeypatch, 
 
     seen = {}
 
-    def fake(sources, out, opts, analyzer_factory=None, ray_options=None, progress=True):
+    def fake(sources, out, opts, analyzer_factory=None, ray_options=None, progress=True, identity_factory=None):
         seen.update(sources=sources, factory=analyzer_factory, ro=ray_options)
         return build_dataset(sources, out, opts, analyzer=None, scorer=None, progress=False)
 

@@ -171,7 +171,7 @@ def run_pipeline(items: list[dict], opts: D.BuildOptions, analyzer_factory, scor
     # decode work would run inside the face actors, serially. Different num_cpus keep them separate operators.
     if ro.task_cpus == ro.actor_cpus and not gpus:
         raise HeadsUpError("--task-cpus must differ from --actor-cpus (else Ray fuses the CPU stages into "
-                         "the model actors)")
+                           "the model actors)")
     cpu_kw = {"num_cpus": ro.task_cpus, **({"concurrency": ro.cpu_concurrency} if ro.cpu_concurrency else {})}
     ds = ray.data.from_items([{"item": json.dumps(it)} for it in items],  # one block per batch: streams
                              override_num_blocks=max(1, -(-len(items) // max(1, ro.batch_size))))
