@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from headsup_core.train.dataset import BuildOptions, build_dataset, group_identities, near_duplicates
+from headsup_core.train.dataset import (
+    BuildOptions,
+    build_dataset,
+    group_identities,
+    near_duplicates,
+)
 
 DEEPFACE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "faces-deepface"
 
