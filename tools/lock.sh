@@ -12,7 +12,7 @@ trap 'rm -rf "$tooldir"' EXIT
 python3 -m venv "$tooldir/venv"
 "$tooldir/venv/bin/python" -m pip install --quiet --disable-pip-version-check "uv>=0.5"
 printf '%s\n%s\n' "$TORCH" "$TORCHVISION" | "$tooldir/venv/bin/uv" pip compile --quiet --universal \
-  --extra faces --extra train --extra eval --extra dev \
+  --extra faces --extra train --extra eval --extra dev --extra scale --extra tiff \
   --custom-compile-command "bash tools/lock.sh" \
   pyproject.toml - -o tools/constraints.txt
 echo "Wrote tools/constraints.txt; now run: bash .ci/run"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create ./.venv and install HeadsUp with every extra (faces, training, evaluation, tests). Safe to re-run.
+# Create ./.venv and install HeadsUp with every extra (faces, training, evaluation, tests, scale-out curation, 16-bit TIFF). Safe to re-run.
 # torch comes from the package registry (the CUDA build; it runs on the CPU too): see DESIGN notes.
 # Every version comes from the committed lock tools/constraints.txt (refresh it with `bash tools/lock.sh`), so CI, the
 # quick start and the README's test command get the same releases on every machine. `bash tools/check_latest.sh`
@@ -15,5 +15,5 @@ CONSTRAINTS="${HEADSUP_CONSTRAINTS-tools/constraints.txt}"  # empty: unlocked (t
 lock=()
 [ -n "$CONSTRAINTS" ] && lock=(--constraint "$CONSTRAINTS")
 .venv/bin/python -m pip install --quiet "${lock[@]}" "torch==2.15.0" "torchvision==0.29.2"
-.venv/bin/python -m pip install --quiet "${lock[@]}" -e ".[faces,train,eval,dev,scale]"
+.venv/bin/python -m pip install --quiet "${lock[@]}" -e ".[faces,train,eval,dev,scale,tiff]"
 .venv/bin/python -c "import headsup_core, torch, diffusers; print('HeadsUp', headsup_core.__version__, '| torch', torch.__version__, '| diffusers', diffusers.__version__)"
