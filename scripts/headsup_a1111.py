@@ -7,8 +7,9 @@
 
 The base model (SD 2.x architecture) is the setting "HeadsUp base model" (Settings → Upscaling), which lists the
 SD 2.x ``.safetensors`` files in the webui's ``models/Stable-diffusion``; on "Automatic" it is ``$HEADSUP_BASE``,
-else ``models/HeadsUp/base`` (a diffusers folder) or ``models/HeadsUp/base.safetensors``/``.ckpt``. Face models
-(for references and face masks) are insightface packs in ``models/insightface/models/<pack>/``.
+else ``models/HeadsUp/base`` (a diffusers folder) or ``models/HeadsUp/base.safetensors``/``.ckpt``. Face analysis
+(for references and face masks) is ``auto``, as in the CLI and ComfyUI: an insightface pack in
+``models/insightface/models/<pack>/``, else dlib, else facexlib weights in ``models/facedetection``.
 
 Run against the real webui code (tests/test_a1111_webui.py) of AUTOMATIC1111 v1.8.0 (bef51aed032c),
 lllyasviel/stable-diffusion-webui-forge dfdcbab6 and 04c6ab68 ("1.10.1", pre-rewrite Forge), and
@@ -255,16 +256,21 @@ def invalidate_extras_cache_if_changed(signature: tuple) -> bool:
 
 
 def face_analyzer(required: bool):
-    """insightface analyzer from models/insightface; None (once reported) if absent and not required."""
+    """Face analysis as the CLI and ComfyUI choose it (``auto``): an insightface pack in models/insightface, else
+    dlib (installed with the pack), else facexlib weights in models/facedetection; None (once reported) if none."""
     if "value" not in _ANALYZER:
-        try:
-            from headsup_core.faces import load_face_analyzer
+        from headsup_core.faces.analyzer import load_auto
 
-            root = os.path.join(shared.models_path, "insightface")
-            _ANALYZER["value"] = load_face_analyzer("insightface", model_root=root, device=str(_device_dtype()[0]))
-        except (hu_errors.HeadsUpError, ImportError) as err:
-            _ANALYZER["value"], _ANALYZER["error"] = None, err
-            print(f"HeadsUp: no face analyzer, faces get no special treatment: {err}")
+        _ANALYZER["value"] = load_auto(insightface_root=os.path.join(shared.models_path, "insightface"),
+                                       facexlib_root=os.path.join(shared.models_path, "facedetection"),
+                                       device=str(_device_dtype()[0]))
+        if _ANALYZER["value"] is None:
+            _ANALYZER["error"] = hu_errors.MissingModelError(
+                "A reference needs face analysis, and none is installed: pip install dlib-bin "
+                "face-recognition-models, or put an insightface pack in models/insightface/models/.")
+            print("HeadsUp: no face analyzer, faces get no special treatment.")
+        else:
+            print(f"HeadsUp: faces: {_ANALYZER['value'].auto_note}")
     if required and _ANALYZER["value"] is None:
         raise _ANALYZER["error"]
     return _ANALYZER["value"]

@@ -286,3 +286,16 @@ def test_tags_setting_gives_the_dape_tagger(webui, monkeypatch):
     monkeypatch.setattr(shared.opts, "headsup_tags", "ram", raising=False)
     assert mod.tag_source().files.dape is None
     mod._TAGGER.clear()
+
+
+def test_face_analysis_is_auto_like_the_cli(webui, tmp_path, monkeypatch):
+    """Without an insightface pack, A1111 falls back like the CLI and ComfyUI (auto: dlib next), and says which."""
+    from headsup_core.faces import dlib_backend
+
+    if not dlib_backend.available():
+        pytest.skip("dlib-bin and face-recognition-models are not installed")
+    mod, shared = webui
+    monkeypatch.setattr(shared, "models_path", str(tmp_path))  # no insightface/, no facedetection/
+    monkeypatch.setattr(mod, "_ANALYZER", {})
+    analyzer = mod.face_analyzer(required=True)
+    assert analyzer is not None and analyzer.auto_note.startswith("dlib")
