@@ -13,7 +13,7 @@ import zlib
 import numpy as np
 
 from ..errors import MissingDependencyError
-from .meta import XMP_PNG_KEY, FileMeta, software_name
+from .meta import XMP_PNG_KEY, FileMeta, parse_exif, software_name
 
 PNG16_RAWMODES = {"RGB;16B": "RGB;16L", "RGBA;16B": "RGBA;16L"}
 
@@ -121,7 +121,6 @@ _TIFF_TEXT_TAGS = (270, 271, 272, 306, 315, 33432)
 
 def write_tiff16(arr: np.ndarray, path: str, meta: FileMeta | None) -> None:
     """A zlib-compressed 16-bit TIFF with ICC profile, XMP, Software and the input's IFD0 text tags."""
-    from PIL import Image
 
     tifffile = _tifffile()
     meta = meta or FileMeta()
@@ -131,11 +130,7 @@ def write_tiff16(arr: np.ndarray, path: str, meta: FileMeta | None) -> None:
     if meta.xmp:
         extratags.append((700, "B", len(meta.xmp), meta.xmp, True))
     if meta.exif:
-        exif = Image.Exif()
-        try:
-            exif.load(meta.exif)
-        except Exception:  # noqa: BLE001 - unreadable EXIF: nothing to carry
-            exif = Image.Exif()
+        exif = parse_exif(meta.exif)
         for tag in _TIFF_TEXT_TAGS:
             value = exif.get(tag)
             if isinstance(value, str) and value:

@@ -130,6 +130,19 @@ def clean_xmp(xmp: bytes | str | None, *, keep_gps: bool) -> bytes | None:
     return text.encode("utf-8")
 
 
+def parse_exif(raw: bytes | None):
+    """A PIL ``Exif`` of ``raw`` (empty when there is none, or it cannot be read: then there is nothing to carry)."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    if raw:
+        try:
+            exif.load(raw)
+        except Exception:  # noqa: BLE001 - unreadable EXIF: nothing to carry
+            exif = Image.Exif()
+    return exif
+
+
 def output_exif(exif: bytes | None, size: tuple[int, int], *, keep_gps: bool) -> bytes:
     """EXIF for an output of ``size`` (w, h): Software set, dimensions updated, GPS dropped unless ``keep_gps``.
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import OutputError
 from .deep import have_tifffile, png16_bytes, write_tiff16
-from .meta import XMP_PNG_KEY, FileMeta, clean_xmp, output_exif, software_name, srgb_icc
+from .meta import XMP_PNG_KEY, FileMeta, clean_xmp, output_exif, parse_exif, software_name, srgb_icc
 
 log = logging.getLogger("headsup")
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF",
@@ -85,15 +85,10 @@ def _pillow_kwargs(fmt: str, meta: FileMeta, jpeg_quality: int, webp_quality: in
 
 def tiff_tags(meta: FileMeta) -> dict:
     """The output EXIF's IFD0 tags (camera, date, artist, copyright, ...), Software and XMP, as TIFF tags."""
-    from PIL import Image
 
     tags: dict = {}
     if meta.exif:
-        exif = Image.Exif()
-        try:
-            exif.load(meta.exif)
-        except Exception:  # noqa: BLE001 - unreadable EXIF: nothing to carry
-            exif = Image.Exif()
+        exif = parse_exif(meta.exif)
         tags = {tag: value for tag, value in exif.items()
                 if tag not in (0x8769, 0x8825, 0xA005) and isinstance(value, (str, int))}
     tags[305] = software_name()
