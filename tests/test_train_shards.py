@@ -133,8 +133,15 @@ def test_two_processes_equal_one_and_resume(shard_set, tmp_path):
     from headsup_core.train.config import load_train_config
     from headsup_core.train.trainer import Trainer
 
-    one = Trainer(load_train_config(_write_cfg(tmp_path / "one.yaml", shard_set, tmp_path / "one", 2)))
-    h1 = one.train()
+    # The launched ranks run 1 CPU thread each; so does this reference, or another thread count's reduction
+    # order (CI runs pytest with 2) drifts apart through Adam by a few 1e-4 in 4 steps.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = Trainer(load_train_config(_write_cfg(tmp_path / "one.yaml", shard_set, tmp_path / "one", 2)))
+        h1 = one.train()
+    finally:
+        torch.set_num_threads(threads)
     two = tmp_path / "two"
     cfg2 = _write_cfg(tmp_path / "two.yaml", shard_set, two, 1)  # 2 processes x 1 = the same global batch of 2
     _launch(cfg2, "--max-steps", "2")
