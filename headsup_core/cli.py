@@ -33,8 +33,6 @@ def _load_face_analyzer(args, root: Path):
         if analyzer is None and args.reference:
             raise InputImageError("--reference needs face analysis, but no face backend is installed: "
                                   "pip install dlib-bin face-recognition-models (or add an insightface pack).")
-        if analyzer is not None and not getattr(args, "quiet", False):
-            print(f"faces: {analyzer.auto_note}")
         return analyzer
     if backend == "insightface":
         folder = args.face_models or root / "insightface"
@@ -268,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--max-pixels", type=int, default=None, metavar="N",
                     help="refuse inputs above N pixels, Pillow's decompression-bomb guard (default "
                     "$HEADSUP_MAX_PIXELS, else 89478485)")
-    up.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    up.add_argument("-q", "--quiet", action="store_true", help="no progress bar, summary or informational lines (warnings and errors still show)")
     up.set_defaults(func=cmd_upscale)
 
     tiny = sub.add_parser("make-tiny", help="write tiny random models in every supported format (no downloads)",
@@ -307,7 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    # -q keeps warnings and errors (a non-commercial licence is a warning) and drops the informational lines
+    level = logging.DEBUG if args.verbose else logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s")
     try:
         return int(args.func(args) or 0)
     except HeadsUpError as err:

@@ -214,6 +214,7 @@ def test_cli_upscale_on_single_file_is_quiet(tiny_models, tmp_path):
     assert (tmp_path / "out.png").exists()
     for noise in ("gemm_4bit", "Traceback", "Loading weights", "Warning", "WARNING", "it/s]"):
         assert noise not in run.stderr, run.stderr
+    assert run.stdout.strip() == "" and run.stderr.strip() == "", (run.stdout, run.stderr)  # -q: nothing at all
     imp = subprocess.run([sys.executable, "-c", "import headsup_core, diffusers, peft, peft.tuners.lora"],
                          capture_output=True, text=True, timeout=300)
     assert imp.returncode == 0 and imp.stderr.strip() == "", imp.stderr

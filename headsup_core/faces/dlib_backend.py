@@ -199,5 +199,5 @@ class DlibAnalyzer(AnalyzerBase):
 
 def load(model_root=None, **options) -> DlibAnalyzer:
     analyzer = DlibAnalyzer(model_root, **options)
-    log_licence(RECOGNIZER_FILE, level=logging.INFO)
+    log_licence(RECOGNIZER_FILE, level=logging.DEBUG)  # the analyzer's own load line states every dlib licence
     return analyzer
