@@ -201,10 +201,10 @@ def test_cli_tags_and_upscale_with_dape(tiny_models, tiny_ram, tmp_path):
     assert tags and "tag " in tags
     run = subprocess.run([sys.executable, "-m", "headsup_core.cli", "upscale", str(src), "-o", str(tmp_path / "o.png"),
                           "--scale", "2", "--base", str(tiny_models["base_single"]), "--weights",
-                          str(tiny_models["osediff"]), "--tags", "dape", "-q"], capture_output=True, text=True,
+                          str(tiny_models["osediff"]), "--tags", "dape"], capture_output=True, text=True,
                          timeout=300, env=env)
     assert run.returncode == 0, run.stderr
-    assert f"tags: {tags}" in run.stderr
+    assert f"tags: {tags}" in run.stderr  # logged at INFO: shown by default (-q keeps only warnings and errors)
     run = subprocess.run([sys.executable, "-m", "headsup_core.cli", "tags", str(src), "--dape", str(tmp_path / "no.pth")],
                          capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 2 and "no.pth" in run.stderr and "Traceback" not in run.stderr
