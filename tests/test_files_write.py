@@ -179,3 +179,22 @@ def test_tiff_layout_tags_stay_out_of_the_exif_and_tiff_output_keeps_camera_tags
         assert tags[0x010F] == "ScanCo" and 256 not in tags and 273 not in tags and 0x8825 not in tags
     with Image.open(tmp_path / "o.tif") as tif:
         assert tif.size == (60, 40) and tif.tag_v2[0x010F] == "ScanCo" and tif.tag_v2[305].startswith("HeadsUp")
+
+
+def test_output_permissions_are_those_of_a_plain_new_file(tmp_path):
+    """The atomic write goes through mkstemp (0600); the photo it leaves must be readable like any new file, and an
+    overwritten output keeps its own permissions."""
+    import os
+
+    from headsup_core.files.write import save_image_atomic
+
+    img = np.zeros((4, 4, 3), np.uint8)
+    umask = os.umask(0o022)
+    try:
+        save_image_atomic(img, tmp_path / "new.png")
+        assert (tmp_path / "new.png").stat().st_mode & 0o777 == 0o644
+        (tmp_path / "new.png").chmod(0o600)
+        save_image_atomic(img, tmp_path / "new.png")
+        assert (tmp_path / "new.png").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(umask)

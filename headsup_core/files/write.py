@@ -139,6 +139,7 @@ def save_photo(image, path: str | os.PathLike, meta: FileMeta | None = None, *, 
     os.close(fd)
     try:
         _write(image, tmp, fmt, final, jpeg_quality, webp_quality)
+        os.chmod(tmp, _new_file_mode(path))  # mkstemp makes 0600; the output gets what a plain open() would give
         os.replace(tmp, path)
     except BaseException as err:
         if os.path.exists(tmp):
@@ -146,6 +147,16 @@ def save_photo(image, path: str | os.PathLike, meta: FileMeta | None = None, *, 
         if isinstance(err, OSError) and not isinstance(err, OutputError):
             raise _output_error(err, path) from None
         raise
+
+
+def _new_file_mode(path: str) -> int:
+    """An existing output keeps its permissions; a new one gets 0666 less the umask, like any file a program makes."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def _output_error(err: OSError, path: str) -> OutputError:
