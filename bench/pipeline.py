@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from models import build_pipeline, sd21_single_file  # noqa: E402 - bench/ is not a package
+from memstat import rss_bytes  # noqa: E402 - bench/ is not a package
+from models import build_pipeline, sd21_single_file  # noqa: E402
 
 NAMED_SIZES = {"1K": (1024, 1024), "2K": (2048, 2048), "4K": (3840, 2160), "FHD": (1920, 1080)}
 SCALE = 4
@@ -165,17 +166,6 @@ def _code_version() -> str:
     return head + ("+dirty" if dirty else "")
 
 
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def _available_bytes() -> int | None:
     try:
         with open("/proc/meminfo", encoding="ascii") as fh:
@@ -224,7 +214,7 @@ def worker(job: dict) -> dict:
                       "channels_last": pipe.model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)}
     res["build_s"] = time.perf_counter() - t
     res["params_m"] = sum(p.numel() for p in pipe.model.parameters()) / 1e6
-    res["rss_after_build_gb"] = _rss_bytes() / 1e9
+    res["rss_after_build_gb"] = rss_bytes() / 1e9
     model = pipe.model
     rng = np.random.default_rng(job["seed"])
     lq_np = rng.integers(0, 256, (h // SCALE, w // SCALE, 3), dtype=np.uint8)

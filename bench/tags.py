@@ -20,16 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from memstat import rss_bytes
+
 ROOT = Path(__file__).resolve().parent.parent
 MB = 2**20
-
-
-def _rss() -> int:
-    with open("/proc/self/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _image():
@@ -45,13 +39,13 @@ def measure(folder: str) -> dict:
     from headsup_core.tags import DapeTagger
 
     f = Path(folder)
-    rss0 = _rss()
+    rss0 = rss_bytes()
     tagger = DapeTagger(ram=f / "ram_swin_large_14m.pth", dape=f / "DAPE.pth", tag_list=f / "ram_tag_list.txt",
                         thresholds=f / "ram_tag_list_threshold.txt", device="cpu", unload_after=False)
     t0 = time.perf_counter()
     tagger.load()
     load_s = time.perf_counter() - t0
-    rss_loaded = _rss()
+    rss_loaded = rss_bytes()
     img = _image()
     t1 = time.perf_counter()
     probs = tagger.probabilities(img)

@@ -22,16 +22,10 @@ import sys
 import time
 from pathlib import Path
 
+from memstat import rss_bytes
+
 ROOT = Path(__file__).resolve().parent.parent
 MB = 2**20
-
-
-def _rss() -> int:
-    with open("/proc/self/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def run_one(stage: str, side: int, tile: int, budget_mb: float | None, formats: str) -> dict:
@@ -80,7 +74,7 @@ def run_one(stage: str, side: int, tile: int, budget_mb: float | None, formats: 
     plan = TilePlan(encoder_tile=tile, decoder_tile=tile)
     cpu, dtype = torch.device("cpu"), dtypes[stage]
     budget = None if budget_mb is None else int(budget_mb * MB)
-    before = _rss()
+    before = rss_bytes()
     t0 = time.perf_counter()
     if stage == "decoder":
         def fwd(v, t, park):
