@@ -5,7 +5,7 @@ pair search vs all-pairs, and a node-hours estimate for a web-scale build. Print
     python bench/dataset_scale.py --src /data/photos --images 200        # ... or on real photos
     python bench/dataset_scale.py --skip-build --nn 10000,100000,1000000 # the search part only
 
-Faces use the tiny insightface pack (``headsup_core.faces.tiny``) unless ``--face-models``/``--face-pack`` name a
+Faces use the tiny insightface pack (``headsup_core.testing.tiny_faces``) unless ``--face-models``/``--face-pack`` name a
 real one, quality a cheap stand-in scorer unless ``--quality-metric`` names a pyiqa metric. Measure on an idle
 machine and say which (these numbers are meaningless under load from other jobs).
 """
@@ -15,13 +15,17 @@ from __future__ import annotations
 import argparse
 import functools
 import platform
-import subprocess
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+
+if __package__ in (None, ""):  # run as `python bench/dataset_scale.py`: the repository root holds bench
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.report import code_version  # noqa: E402
 
 
 def _synth(folder: Path, n: int, size: int, seed: int = 0):
@@ -48,7 +52,7 @@ def _analyzer_factory(args, root: Path):
 
     if args.face_models:
         return functools.partial(load_face_analyzer, "insightface", model_root=args.face_models, pack=args.face_pack)
-    from headsup_core.faces.tiny import write_tiny_face_models
+    from headsup_core.testing.tiny_faces import write_tiny_face_models
 
     write_tiny_face_models(root / "m")
     return functools.partial(load_face_analyzer, "insightface", model_root=str(root / "m" / "insightface"),
@@ -204,9 +208,7 @@ def main(argv=None):
     ap.add_argument("--cpus-per-node", type=int, default=64)
     ap.add_argument("--gpus-per-node", type=int, default=8)
     args = ap.parse_args(argv)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    print(f"commit {commit or '?'}, {platform.processor() or platform.machine()}, "
+    print(f"commit {code_version()}, {platform.processor() or platform.machine()}, "
           f"{__import__('os').cpu_count()} CPUs")
     stages = None
     if not args.skip_build:

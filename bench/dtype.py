@@ -21,9 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as `python bench/dtype.py`: the repository root holds headsup_core
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from headsup_core.base_models import CONFIG_DIR, widen_conv_in  # noqa: E402
+from headsup_core.eval.metrics import psnr  # noqa: E402
+from headsup_core.loading.base import CONFIG_DIR  # noqa: E402
+from headsup_core.loading.surgery import widen_conv_in  # noqa: E402
 from headsup_core.model import HeadsUpModel  # noqa: E402
 from headsup_core.pipeline import HeadsUpPipeline  # noqa: E402
 from headsup_core.tiling import TilePlan  # noqa: E402
@@ -79,8 +82,8 @@ def main(argv=None) -> int:
     print("| weights dtype | output PSNR vs fp32 | x0 RMS error vs fp32 |")
     print("|---|---|---|")
     for name in outs:
-        mse = float(((outs[name] - outs["fp32"]) ** 2).mean())
-        p = "identical" if mse == 0 else f"{10 * math.log10(1 / mse):.1f} dB"
+        db = psnr(outs[name], outs["fp32"])
+        p = "identical" if db == math.inf else f"{db:.1f} dB"
         rms = float(((x0s[name] - x0s["fp32"]) ** 2).mean().sqrt())
         print(f"| {name} | {p} | {rms:.4f} |")
     return 0

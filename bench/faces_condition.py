@@ -7,16 +7,16 @@ reference, and build_face_condition renders the canvas and mask at the output si
 max RSS growth, which includes the 1x3xHxW canvas and 1x1xHxW mask the pipeline needs anyway.
 """
 import argparse
-import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-
-def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+if __package__ in (None, ""):  # run as `python bench/faces_condition.py`: the repository root holds bench
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.memstat import peak_rss_bytes  # noqa: E402
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
     import insightface
 
     from headsup_core.faces import build_face_condition, encode_reference, load_face_analyzer
-    from headsup_core.faces.tiny import write_tiny_face_models
+    from headsup_core.testing.tiny_faces import write_tiny_face_models
     from headsup_core.imageio import load_image, to_uint8_rgb
 
     tmp = Path(tempfile.mkdtemp())
@@ -44,14 +44,14 @@ def main() -> None:
     lq = np.concatenate(cells, axis=1)
     refs = [encode_reference(c, analyzer) for c in cells]
     out = (lq.shape[0] * args.scale, lq.shape[1] * args.scale)
-    base = rss_mib()
+    base = peak_rss_bytes()
     t0 = time.perf_counter()
     cond = build_face_condition(lq, out, analyzer, references=refs)
     dt = time.perf_counter() - t0
     full = (cond.canvas.numel() + cond.mask.numel()) * 4 / 2 ** 20
     print(f"LQ {lq.shape[1]}x{lq.shape[0]} -> {out[1]}x{out[0]}, {len(cond.assignments)} faces, "
           f"{sum(a['reference_index'] is not None for a in cond.assignments)} with references")
-    print(f"build_face_condition: {dt:.2f} s, peak RSS growth {rss_mib() - base:.0f} MiB "
+    print(f"build_face_condition: {dt:.2f} s, peak RSS growth {(peak_rss_bytes() - base) / 2**20:.0f} MiB "
           f"(canvas+mask tensors themselves: {full:.0f} MiB)")
 
 

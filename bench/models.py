@@ -31,7 +31,7 @@ def sd21_single_file(folder: str | Path, seed: int = 0) -> Path:
     from safetensors.torch import save_file
 
     from headsup_core.loading.base import CONFIG_DIR
-    from headsup_core.tiny import unet_to_ldm, vae_to_ldm
+    from headsup_core.testing.tiny_models import unet_to_ldm, vae_to_ldm
 
     path = Path(folder) / SD21_FILE.format(seed=seed)
     if path.exists():

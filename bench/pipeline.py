@@ -34,9 +34,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memstat import rss_bytes  # noqa: E402 - bench/ is not a package
-from models import build_pipeline, sd21_single_file  # noqa: E402
+if __package__ in (None, ""):  # run as `python bench/pipeline.py`: the repository root holds headsup_core and bench
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.memstat import available_bytes, rss_bytes  # noqa: E402
+from bench.models import build_pipeline, sd21_single_file  # noqa: E402
+from bench.report import code_version, fmt, format_table  # noqa: E402
+from headsup_core.eval.metrics import psnr  # noqa: E402
 
 NAMED_SIZES = {"1K": (1024, 1024), "2K": (2048, 2048), "4K": (3840, 2160), "FHD": (1920, 1080)}
 SCALE = 4
@@ -77,13 +80,6 @@ def pipe_options(job: dict, untiled):
     ours = job["path"] == "ours"
     return UpscaleOptions(scale=SCALE, tile_size=job["tile_size"] if ours else untiled,
                           memory_budget_mb=job.get("memory_budget_mb") if ours else None)
-
-
-def psnr(a, b) -> float:
-    import numpy as np
-
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * float(np.log10(1.0 / mse))
 
 
 def _pad(x, multiple: int):
@@ -153,30 +149,6 @@ def reference_upscale(model, lq, out_hw, embeds, tile: int = 96, overlap: int = 
     return out, {"encode_s": t1 - t0, "unet_s": t2 - t1, "decode_s": t3 - t2}
 
 
-def _code_version() -> str:
-    """The commit the measured code came from, '+dirty' when headsup_core has uncommitted edits."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True, timeout=20).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "headsup_core"], cwd=root,
-                               capture_output=True, text=True, check=True, timeout=20).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
-
-
-def _available_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def _is_oom(exc: BaseException) -> bool:
     from headsup_core import devices
 
@@ -197,7 +169,7 @@ def worker(job: dict) -> dict:
     w, h = job["size"]
     res = {k: job[k] for k in ("model", "path", "size")}
     res.update(device=str(dev), dtype=str(dtype).replace("torch.", ""), threads=torch.get_num_threads(),
-               code=_code_version())
+               code=code_version())
     t = time.perf_counter()
     pipe = build_pipeline(job["model"], job["files"], dev, job["dtype"], job["seed"], defaults=ours,
                           weight_dtype=job.get("weight_dtype", "auto"))
@@ -231,7 +203,7 @@ def worker(job: dict) -> dict:
         else:
             est = memory.estimate_request(pipe, (h // SCALE, w // SCALE), pipe_options(job, untiled_plan()))
             est = est["activations"]  # under the run's own budget: the exact VAE spills beyond it
-        avail = _available_bytes()
+        avail = available_bytes()
         limit = job["mem_limit_gb"] * 1e9 if job["mem_limit_gb"] else (avail or 0) - 2e9
         if est > limit:
             res["status"] = f"skipped ({job['path']} needs ~{est / 1e9:.0f} GB more, limit {limit / 1e9:.0f} GB)"
@@ -328,47 +300,6 @@ def run_worker(job: dict, threads: int | None) -> dict:
     return {**{k: job[k] for k in ("model", "path", "size")}, "status": status}
 
 
-def _f(v, fmt="{:.2f}") -> str:
-    return fmt.format(v) if isinstance(v, (int, float)) else "-"
-
-
-def format_table(results: list[dict]) -> str:
-    head = ["model", "output", "path", "dtype", "status", "s/MP", "total s", "encode s", "unet s", "decode s",
-            "cpu s", "peak GB", "PSNR dB", "ours/ref", "commit"]
-    rows = []
-    by_key = {(r["model"], tuple(r["size"]), r["path"]): r for r in results if r["path"] != "ours"}
-    for r in results:
-        ratio = "-"
-        if r["path"] == "ours":
-            ref = by_key.get((r["model"], tuple(r["size"]), "ref"), {})
-            if r.get("total_s") and ref.get("total_s"):
-                ratio = f"{r['total_s'] / ref['total_s']:.2f}"
-            elif ref:
-                ratio = "ref " + ref.get("status", "?").split(" (")[0]
-        label = r["path"] + (" +compile" if r.get("compile") else "")
-        rows.append([r["model"], "x".join(map(str, r["size"])), label, r.get("dtype", "-"),
-                     r.get("status", "?").split(" (")[0], _f(r.get("s_per_mp")), _f(r.get("total_s")),
-                     _f(r.get("encode_s")), _f(r.get("unet_s")), _f(r.get("decode_s")), _f(r.get("cpu_s")),
-                     _f(r.get("peak_gb")), "ref" if r["path"] == "full" else _f(r.get("psnr_db"), "{:.1f}"), ratio,
-                     r.get("code", "-")])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    notes = sorted({f"{r['path']} {'x'.join(map(str, r['size']))}: {r['tiles']}" for r in results if r.get("tiles")})
-    notes += sorted({f"{r['path']} formats: {r['formats']}, attention {', '.join(r['attention'])}" for r in results
-                     if r.get("formats")})
-    notes += [f"{r['path']} {'x'.join(map(str, r['size']))} tile overhead (extra pixels computed): "
-              + ", ".join(f"{k} {v:.0%}" for k, v in r["overhead"].items() if v is not None)
-              for r in results if any(v is not None for v in (r.get("overhead") or {}).values())]
-    notes += [f"code: {', '.join(sorted({r['code'] for r in results if r.get('code')}))}"]
-    notes += [f"{r['model']} {r['path']} {'x'.join(map(str, r['size']))}: {r['status']}" for r in results
-              if r.get("status", "ok") != "ok"]
-    first = next((r for r in results if "device" in r), {})
-    notes.append(f"device {first.get('device', '?')}, dtype {first.get('dtype', '?')}, torch threads "
-                 f"{first.get('threads', '?')}; peak = {first.get('peak_kind', '?')}; times are medians; "
-                 "ours/ref < 1 means ours is faster; PSNR against the fp32 untiled (full) output of the same size")
-    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -428,7 +359,7 @@ def main(argv=None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="headsup-bench-") as tmp:
         if args.model == "tiny":
-            from headsup_core.tiny import make_tiny
+            from headsup_core.testing.tiny_models import make_tiny
 
             log("writing the tiny models")
             files = str(make_tiny(Path(tmp) / "tiny")["root"])
@@ -449,8 +380,8 @@ def main(argv=None) -> int:
             results.append(run_worker(job, args.threads))
             results[-1]["compile"] = job["compile"]
             r = results[-1]
-            log(f"  {r.get('status')}: total {_f(r.get('total_s'))} s, peak {_f(r.get('peak_gb'))} GB, "
-                f"PSNR {_f(r.get('psnr_db'), '{:.1f}')} dB")
+            log(f"  {r.get('status')}: total {fmt(r.get('total_s'))} s, peak {fmt(r.get('peak_gb'))} GB, "
+                f"PSNR {fmt(r.get('psnr_db'), '{:.1f}')} dB")
     table = format_table(results)
     print(f"\nHeadsUp pipeline benchmark ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, model {args.model}, "
           f"scale x{SCALE}, {os.cpu_count()} CPUs)\n")

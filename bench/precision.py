@@ -14,6 +14,11 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python bench/precision.py`: the repository root holds headsup_core and bench
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from headsup_core.eval.metrics import psnr  # noqa: E402
 
 VARIANTS = ("fp32 channels_last", "encoder bf16", "decoder bf16", "vae bf16", "vae bf16 + channels_last",
             "unet bf16")
@@ -38,13 +43,6 @@ def _image(side: int):
         return np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8), "uniform noise"
 
 
-def psnr(a, b) -> float:
-    import torch
-
-    mse = float(torch.mean((a.float() - b.float()) ** 2))
-    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=512, help="output side in pixels (input = size / 4)")
@@ -54,8 +52,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-    from pipeline import build_pipeline  # bench/pipeline.py: identical random SD2.1-size weights
+    from bench.models import build_pipeline  # identical random SD2.1-size weights to bench/pipeline.py
 
     from headsup_core.tiling import TilePlan
 

@@ -29,7 +29,7 @@ def main() -> None:
 
     from headsup_core.faces import load_face_analyzer
     from headsup_core.pipeline import HeadsUpPipeline
-    from headsup_core.tiny import make_tiny
+    from headsup_core.testing.tiny_models import make_tiny
 
     images = Path(insightface.__file__).parent / "data" / "images"
     tiny = make_tiny(Path(tempfile.mkdtemp()))

@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=2 python bench/tags.py [--small] [--reference] [--vocab DIR]
 
-Writes random weights in RAM's exact key layout (headsup_core/tags/tiny.py; full size: Swin-L 384, depths
+Writes random weights in RAM's exact key layout (headsup_core/testing/tiny_tags.py; full size: Swin-L 384, depths
 2/2/18/2, the 2-layer Q2L head, 4585 classes unless --small) to a temporary folder, then, in a fresh subprocess
 (so the peak is its own): seconds to read the tensors and build the network, seconds per tag call at 384², RSS
 after loading and the process's peak RSS (ru_maxrss), against the network's own size. With --reference and
@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from memstat import rss_bytes
+if __package__ in (None, ""):  # run as `python bench/tags.py`: the repository root holds headsup_core and bench
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.memstat import peak_rss_bytes, rss_bytes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 2**20
@@ -33,7 +34,6 @@ def _image():
 
 
 def measure(folder: str) -> dict:
-    sys.path.insert(0, str(ROOT))
     import torch
 
     from headsup_core.tags import DapeTagger
@@ -57,7 +57,7 @@ def measure(folder: str) -> dict:
     return {"threads": torch.get_num_threads(), "load_s": round(load_s, 2), "tag_first_s": round(first_s, 2),
             "tag_s": round(second_s, 2), "net_mb": round(tagger.size_bytes() / MB, 1),
             "rss_start_mb": round(rss0 / MB), "rss_loaded_mb": round(rss_loaded / MB),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "peak_rss_mb": round(peak_rss_bytes() / MB),
             "file_mb": round(sum((f / n).stat().st_size for n in ("ram_swin_large_14m.pth", "DAPE.pth")) / MB),
             "n_tags": len(tags.split(", ")) if tags else 0, "tags": tags}
 
@@ -67,7 +67,7 @@ def reference(folder: str, small: bool) -> dict:
     import ram_reference
     import torch
 
-    from headsup_core.tags.tiny import SMALL_SWIN
+    from headsup_core.testing.tiny_tags import SMALL_SWIN
 
     f = Path(folder)
     swin = dict(SMALL_SWIN, vision_width=SMALL_SWIN["embed_dim"] * 8) if small else None
@@ -78,7 +78,7 @@ def reference(folder: str, small: bool) -> dict:
     probs, tags = ram_reference.run(model, _image())
     torch.save(probs, f / "ref.pt")
     return {"ref_load_s": round(load_s, 2), "ref_tag_s": round(time.perf_counter() - t1, 2), "ref_tags": tags[0],
-            "ref_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+            "ref_peak_rss_mb": round(peak_rss_bytes() / MB)}
 
 
 def _child(mode: str, folder: str, small: bool) -> dict:
@@ -102,8 +102,7 @@ def main() -> int:
         result = measure(args.folder) if args.child == "measure" else reference(args.folder, args.small)
         print(json.dumps(result))
         return 0
-    sys.path.insert(0, str(ROOT))
-    from headsup_core.tags.tiny import write_random_ram
+    from headsup_core.testing.tiny_tags import write_random_ram
 
     with tempfile.TemporaryDirectory() as folder:
         vocab = args.vocab if (args.vocab / "ram_tag_list.txt").is_file() else None

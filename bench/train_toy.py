@@ -134,7 +134,7 @@ def build_base(work: Path, manifest: Path, vae_steps: int, unet_steps: int, size
     """make-tiny's text encoder/tokenizer/scheduler + the toy VAE/UNet, pretrained on the training photos."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from headsup_core.tiny import make_tiny
+    from headsup_core.testing.tiny_models import make_tiny
 
     base = work / "tiny" / "base"
     done = work / "base_done.json"
@@ -164,7 +164,7 @@ def build_base(work: Path, manifest: Path, vae_steps: int, unet_steps: int, size
     deg = RealESRGANDegradation()
     text = json.loads((base / "text_encoder" / "config.json").read_text())
     assert text["hidden_size"] == TOY_UNET["cross_attention_dim"]
-    from headsup_core.base_models import load_base
+    from headsup_core.loading.base import load_base
     from headsup_core.model import HeadsUpModel
     from headsup_core.pipeline import HeadsUpPipeline
 

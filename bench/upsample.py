@@ -60,7 +60,7 @@ def main(argv=None):
     from diffusers import AutoencoderKL
     from diffusers.models.upsampling import Upsample2D
 
-    from headsup_core.base_models import CONFIG_DIR
+    from headsup_core.loading.base import CONFIG_DIR
     from headsup_core.upsample import patch_upsamplers, unpatch_upsamplers
 
     torch.set_grad_enabled(False)

@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from memstat import rss_bytes
+if __package__ in (None, ""):  # run as `python bench/vae_memory.py`: the repository root holds headsup_core and bench
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.memstat import peak_rss_bytes, rss_bytes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 2**20
@@ -30,7 +31,6 @@ MB = 2**20
 
 def run_one(stage: str, side: int, tile: int, budget_mb: float | None, formats: str) -> dict:
     """One configuration in this process."""
-    sys.path.insert(0, str(ROOT))
     import torch
     from diffusers import AutoencoderKL
 
@@ -87,7 +87,7 @@ def run_one(stage: str, side: int, tile: int, budget_mb: float | None, formats: 
         run_exact(fwd, vae, x, tile=tile, context=plan.encoder_context, in_factor=8, out_factor=1, compute_device=cpu,
                   ram_budget=budget)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
 
     class Model:  # what memory.py reads
         pass

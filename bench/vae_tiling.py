@@ -25,9 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as `python bench/vae_tiling.py`: the repository root holds headsup_core
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from headsup_core.base_models import CONFIG_DIR  # noqa: E402
+from headsup_core.eval.metrics import psnr  # noqa: E402
+from headsup_core.loading.base import CONFIG_DIR  # noqa: E402
 from headsup_core.tiled_vae import decoder_forward, encoder_forward, run_exact  # noqa: E402
 from headsup_core.tiling import TilePlan, run_tiled  # noqa: E402
 
@@ -36,11 +38,6 @@ ENCODER_PREVIEW, DECODER_PREVIEW = 64, 32  # as the pipeline's fast mode
 
 def log(msg: str) -> None:
     print(f"[vae_tiling {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor, peak: float) -> float:
-    mse = float(((a.double() - b.double()) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * math.log10(peak ** 2 / mse)
 
 
 def photo(path: str | None, size: int) -> torch.Tensor:

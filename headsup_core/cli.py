@@ -18,29 +18,13 @@ log = logging.getLogger("headsup")
 
 def _load_face_analyzer(args, root: Path):
     """--faces: auto takes an insightface pack, then dlib, then facexlib weights, then none (and says which)."""
-    backend = args.faces
-    if backend == "none":
-        if args.reference:
-            raise InputImageError("--reference needs face analysis; use --faces auto, dlib, insightface or facexlib.")
-        return None
-    from .faces import load_face_analyzer
-    from .faces.analyzer import load_auto
+    from .faces.analyzer import choose_face_analyzer
 
-    if backend == "auto":
-        analyzer = load_auto(insightface_root=args.face_models or root / "insightface",
-                             facexlib_root=args.face_models or root / "facedetection", pack=args.face_pack,
-                             device=args.device)
-        if analyzer is None and args.reference:
-            raise InputImageError("--reference needs face analysis, but no face backend is installed: "
-                                  "pip install dlib-bin face-recognition-models (or add an insightface pack).")
-        return analyzer
-    if backend == "insightface":
-        folder = args.face_models or root / "insightface"
-    elif backend == "dlib":
-        folder = args.face_models
-    else:
-        folder = args.face_models or root / "facedetection"
-    return load_face_analyzer(backend, model_root=folder, pack=args.face_pack, device=args.device)
+    if args.faces == "none" and not args.reference:
+        return None
+    return choose_face_analyzer(args.faces, insightface_root=args.face_models or root / "insightface",
+                                facexlib_root=args.face_models or root / "facedetection", dlib_root=args.face_models,
+                                pack=args.face_pack, device=args.device, required=bool(args.reference))
 
 
 def _check_file_options(args) -> None:
@@ -168,7 +152,7 @@ def cmd_upscale(args) -> int:
 
 
 def cmd_make_tiny(args) -> int:
-    from .tiny import make_tiny
+    from .testing.tiny_models import make_tiny
 
     paths = make_tiny(args.folder, seed=args.seed)
     for name, path in paths.items():
@@ -177,7 +161,7 @@ def cmd_make_tiny(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .checkpoint import convert_osediff, convert_osediff_with_base
+    from .loading.weights import convert_osediff, convert_osediff_with_base
 
     if args.base:
         out = convert_osediff_with_base(args.input, args.output, args.base)

@@ -122,17 +122,9 @@ def conv_in_patches(model_patcher, unet_state: dict) -> dict:
 
 def conv_in_of(unet_state: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The weights' full conv_in (weight, bias); an OSEDiff .pkl's LoRA on conv_in merged. (None, None): none."""
-    if "conv_in.weight" not in unet_state and "conv_in.base_layer.weight" in unet_state:
-        return _osediff_conv_in(unet_state)
-    return unet_state.get("conv_in.weight"), unet_state.get("conv_in.bias")
+    from headsup_core.loading.weights import full_conv_in
 
-
-def _osediff_conv_in(state: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    w = state["conv_in.base_layer.weight"].float()
-    a = next(v for k, v in state.items() if k.startswith("conv_in.lora_A.")).float()
-    b = next(v for k, v in state.items() if k.startswith("conv_in.lora_B.")).float()
-    delta = (b.flatten(1) @ a.flatten(1)).reshape(w.shape) * (8.0 / a.shape[0])  # peft: alpha 8 / rank
-    return w + delta, state["conv_in.base_layer.bias"]
+    return full_conv_in(unet_state)
 
 
 def patch_models(model, vae, weights):

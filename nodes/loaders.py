@@ -161,8 +161,7 @@ def _load_cached_auto_or_dlib(backend, pack, provider, is_facexlib_pack):
     """dlib runs on the CPU from its registry package; auto tries the chosen insightface pack (when it is on
     disk), then dlib, then facexlib weights from models/facedetection, in the core's order."""
     from headsup_core.errors import MissingModelError
-    from headsup_core.faces import load_face_analyzer
-    from headsup_core.faces.analyzer import load_auto
+    from headsup_core.faces.analyzer import choose_face_analyzer
 
     insightface_root = None
     if backend == "auto" and not is_facexlib_pack:
@@ -175,16 +174,8 @@ def _load_cached_auto_or_dlib(backend, pack, provider, is_facexlib_pack):
     key = (backend, insightface_root, facexlib, pack if insightface_root else None, provider)
     analyzer = _ANALYZER_CACHE.get(key)
     if analyzer is None:
-        if backend == "dlib":
-            analyzer = load_face_analyzer("dlib")
-        else:
-            analyzer = load_auto(insightface_root=insightface_root, facexlib_root=facexlib,
-                                 pack=pack if insightface_root else None, **kwargs)
-            if analyzer is None:
-                raise MissingModelError(
-                    "No face backend is available: no insightface pack in models/insightface/models, dlib is not "
-                    "installed and there are no facexlib weights in models/facedetection. Install dlib with "
-                    "'pip install dlib-bin face-recognition-models' (commercial use allowed), or add a pack.")
+        analyzer = choose_face_analyzer(backend, insightface_root=insightface_root, facexlib_root=facexlib,
+                                        pack=pack if insightface_root else None, required=True, **kwargs)
     _remember(_ANALYZER_CACHE, key, analyzer)
     return analyzer
 
@@ -243,8 +234,8 @@ class HeadsUpFaceAnalysisLoader(io.ComfyNode):
         key = (backend, root, pack, provider, kwargs.get("device"))
         analyzer = _ANALYZER_CACHE.get(key)
         if analyzer is None:
-            from headsup_core.faces import load_face_analyzer
+            from headsup_core.faces.analyzer import choose_face_analyzer
 
-            analyzer = load_face_analyzer(backend=backend, model_root=root, **kwargs)
+            analyzer = choose_face_analyzer(backend, insightface_root=root, facexlib_root=root, **kwargs)
         _remember(_ANALYZER_CACHE, key, analyzer)
         return io.NodeOutput(analyzer)

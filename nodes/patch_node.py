@@ -19,7 +19,7 @@ _WEIGHTS_CACHE = OrderedDict()  # file stamp -> LoadedWeights (node classes are 
 
 
 def _load_weights(path):
-    from headsup_core.checkpoint import load_weights
+    from headsup_core.loading.weights import load_weights
 
     key = _stamp(path)
     loaded = _WEIGHTS_CACHE.get(key)

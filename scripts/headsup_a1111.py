@@ -19,9 +19,7 @@ All model work is ``headsup_core.HeadsUpPipeline``, the same code as the CLI and
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import struct
 import sys
 
 # A1111's load_scripts puts the extension folder on a *temporary* sys.path list while it imports this file and
@@ -33,6 +31,8 @@ if _EXT_ROOT not in sys.path:
 import headsup_core
 from headsup_core import errors as hu_errors
 from headsup_core.choices import COLOR_FIX_MODES
+from headsup_core.loading.base import is_sd2_file
+from headsup_core.loading.stream import SingleFile
 
 if os.path.dirname(os.path.dirname(os.path.abspath(headsup_core.__file__))) != _EXT_ROOT:
     print(f"HeadsUp: using headsup_core from {os.path.dirname(headsup_core.__file__)}, not this extension's copy")
@@ -71,27 +71,6 @@ def find_weights(folder: str | None) -> list[str]:
     return sorted(os.path.join(folder, f) for f in os.listdir(folder)
                   if f.lower().endswith(WEIGHTS_EXTS) and os.path.splitext(f)[0].lower() not in BASE_STEMS
                   and os.path.isfile(os.path.join(folder, f)))
-
-
-def _safetensors_header(path: str) -> dict:
-    """The JSON header of a .safetensors file (names, shapes, ``__metadata__``) without reading any tensor."""
-    try:
-        with open(path, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            if size > 100_000_000:
-                return {}
-            return json.loads(fh.read(size))
-    except (OSError, ValueError, struct.error):
-        return {}
-
-
-def is_sd2_file(path: str) -> bool:
-    """An SD 2.x single file (LDM or sgm layout): linear attention projections, one text encoder, no label_emb."""
-    header = _safetensors_header(path)
-    unet = "model.diffusion_model."
-    proj_in = [v.get("shape") for k, v in header.items() if k.startswith(unet) and k.endswith(".proj_in.weight")]
-    return (bool(proj_in) and len(proj_in[0] or ()) == 2 and f"{unet}label_emb.0.0.weight" not in header
-            and not any(k.startswith("conditioner.embedders.1.") for k in header))
 
 
 def base_choices() -> list[str]:
@@ -142,7 +121,10 @@ def find_base(folder: str) -> str:
 def weights_scale(path: str) -> int:
     """The scale a weights file was trained for: its ``scale`` metadata if recorded, else OSEDiff's 4x."""
     if path.lower().endswith(".safetensors"):
-        meta = _safetensors_header(path).get("__metadata__") or {}
+        try:
+            meta = SingleFile(path).metadata
+        except hu_errors.WeightsError:
+            meta = {}
         for key in ("scale", "train_scale"):
             try:
                 return max(1, int(float(meta[key])))
@@ -256,23 +238,22 @@ def invalidate_extras_cache_if_changed(signature: tuple) -> bool:
 
 
 def face_analyzer(required: bool):
-    """Face analysis as the CLI and ComfyUI choose it (``auto``): an insightface pack in models/insightface, else
-    dlib (installed with the pack), else facexlib weights in models/facedetection; None (once reported) if none."""
-    if "value" not in _ANALYZER:
-        from headsup_core.faces.analyzer import load_auto
+    """Face analysis chosen as in the CLI and ComfyUI (``auto``): an insightface pack in models/insightface, else
+    dlib (installed with the pack), else facexlib weights in models/facedetection; None (said once) if none."""
+    from headsup_core.faces.analyzer import choose_face_analyzer
 
-        _ANALYZER["value"] = load_auto(insightface_root=os.path.join(shared.models_path, "insightface"),
-                                       facexlib_root=os.path.join(shared.models_path, "facedetection"),
-                                       device=str(_device_dtype()[0]))
-        if _ANALYZER["value"] is None:
-            _ANALYZER["error"] = hu_errors.MissingModelError(
-                "A reference needs face analysis, and none is installed: pip install dlib-bin "
-                "face-recognition-models, or put an insightface pack in models/insightface/models/.")
-            print("HeadsUp: no face analyzer, faces get no special treatment.")
-        else:
-            print(f"HeadsUp: faces: {_ANALYZER['value'].auto_note}")
+    def choose(required: bool):
+        return choose_face_analyzer("auto", insightface_root=os.path.join(shared.models_path, "insightface"),
+                                    facexlib_root=os.path.join(shared.models_path, "facedetection"),
+                                    device=str(_device_dtype()[0]), required=required)
+
+    if "value" not in _ANALYZER:
+        _ANALYZER["value"] = choose(required=False)
+        found = _ANALYZER["value"]
+        print(f"HeadsUp: faces: {found.auto_note}" if found else "HeadsUp: no face analyzer, faces get no special "
+              "treatment.")
     if required and _ANALYZER["value"] is None:
-        raise _ANALYZER["error"]
+        choose(required=True)  # raises the core's sentence on what to install
     return _ANALYZER["value"]
 
 

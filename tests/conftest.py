@@ -16,7 +16,7 @@ os.environ.setdefault("HEADSUP_CPU_BF16", "none")
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    from headsup_core.tiny import make_tiny
+    from headsup_core.testing.tiny_models import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny_models"))
 

@@ -25,7 +25,7 @@ CLIP_H = dict(width=1024, layers=24, heads=16, vocab=49408, ctx=77, mlp=4096)
 
 
 def _sd2_vae_config() -> dict:
-    from headsup_core.base_models import CONFIG_DIR
+    from headsup_core.loading.base import CONFIG_DIR
 
     cfg = json.loads((CONFIG_DIR / "sd2" / "vae" / "config.json").read_text())
     return {k: v for k, v in cfg.items() if not k.startswith("_")}
@@ -57,10 +57,10 @@ def write_sd2_small(folder: str | Path, with_clip: bool = True, seed: int = 0) -
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
 
-    from headsup_core.base_models import TINY_CONFIG_KEY, widen_conv_in
-    from headsup_core.checkpoint import save_headsup_checkpoint
-    from headsup_core.lora import add_osediff_adapters
-    from headsup_core.tiny import _randomise_lora, unet_to_ldm, vae_to_ldm
+    from headsup_core.loading.base import TINY_CONFIG_KEY
+    from headsup_core.loading.surgery import add_osediff_adapters, widen_conv_in
+    from headsup_core.loading.weights import save_headsup_checkpoint
+    from headsup_core.testing.tiny_models import _randomise_lora, unet_to_ldm, vae_to_ldm
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,7 @@ def webui(tiny, tmp_path_factory):
 
 
 def _t1(width):
-    from test_eval_util import t1_path
+    from eval_util import t1_path
 
     im = Image.open(t1_path()).convert("RGB")
     return im.resize((width, round(im.height * width / im.width)), Image.Resampling.LANCZOS)
@@ -271,7 +271,7 @@ def test_osediff_weights_log_that_the_reference_is_ignored(webui, capsys):
 def test_tags_setting_gives_the_dape_tagger(webui, monkeypatch):
     import torch
     from headsup_core.errors import MissingModelError
-    from headsup_core.tags.tiny import write_random_ram
+    from headsup_core.testing.tiny_tags import write_random_ram
 
     mod, shared = webui
     mod.on_ui_settings()

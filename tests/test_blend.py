@@ -8,7 +8,7 @@ pytest.importorskip("insightface")
 
 from headsup_core.errors import InputImageError  # noqa: E402
 from headsup_core.blend import _feather_mask, blend_upscale, face_crop_transform, paste_face  # noqa: E402
-from test_eval_util import t1_path, t1_small  # noqa: E402
+from eval_util import t1_path, t1_small  # noqa: E402
 
 
 @pytest.fixture(scope="module")

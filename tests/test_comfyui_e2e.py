@@ -103,7 +103,7 @@ def _prepare_base(tiny, sd2, base):
     os.symlink(tiny["base"], models / "diffusers" / "base", target_is_directory=True)
     os.symlink(tiny["insightface_root"], models / "insightface", target_is_directory=True)
     os.symlink(tiny["facexlib_dir"], models / "facedetection", target_is_directory=True)
-    from headsup_core.tags.tiny import write_random_ram
+    from headsup_core.testing.tiny_tags import write_random_ram
 
     write_random_ram(models / "ram", num_classes=32)  # the tagger's files, random, in RAM's layout
     _write_inputs(base / "input")

@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from headsup_core.eval.compare import grid_size, make_grid
-from test_eval_util import t1_path, t1_small
+from eval_util import t1_path, t1_small
 
 
 def test_grid_has_expected_size_and_content(tmp_path):

@@ -229,7 +229,7 @@ def test_folder_base_pads_prompts_to_its_own_tokenizer_length(tiny_models, tmp_p
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from headsup_core.loading.text_encoder import prompt_length
-    from headsup_core.tiny import TINY_TEXT
+    from headsup_core.testing.tiny_models import TINY_TEXT
 
     folder = tmp_path / "base16"
     shutil.copytree(tiny_models["base"], folder)

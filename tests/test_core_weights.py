@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 from headsup_core import HeadsUpPipeline
-from headsup_core.base_models import identify_architecture, load_base, read_state_dict
-from headsup_core.checkpoint import REQUIRED_METADATA, convert_osediff, load_weights
+from headsup_core.loading.base import identify_architecture, load_base
+from headsup_core.loading.weight_files import read_state_dict
+from headsup_core.loading.weights import REQUIRED_METADATA, convert_osediff, load_weights
 from headsup_core.errors import MissingModelError, WeightsError
 
 
@@ -53,6 +54,25 @@ def test_convert_osediff_matches_loading_the_pkl(tiny_models, tmp_path):
     # OSEDiff has 4 input channels: the converted conv_in gains 5 zero channels, so conditioning is inert.
     conv = load_weights(out).unet_state["conv_in.weight"]
     assert conv.shape[1] == 9 and torch.count_nonzero(conv[:, 4:]) == 0
+
+
+def test_checkpoint_naming_the_removed_lora_module_still_loads(tiny_models, tmp_path):
+    """Checkpoints written before the re-export modules were removed record
+    ``headsup_core.lora.add_osediff_adapters`` in their metadata: they load, the name is read as today's, and a
+    pipeline built from them gives the same picture as the same tensors without that record."""
+    import importlib
+
+    tensors, meta = read_state_dict(tiny_models["headsup"])
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata={**meta, "lora_targets_from": "headsup_core.lora.add_osediff_adapters"})
+    w = load_weights(old)
+    module, _, name = w.metadata["lora_targets_from"].rpartition(".")
+    assert module == "headsup_core.loading.surgery" and callable(getattr(importlib.import_module(module), name))
+    img = _image()
+    a = HeadsUpPipeline.from_files(tiny_models["base"], old, device="cpu").upscale(img, 2, color_fix="none")
+    b = HeadsUpPipeline.from_files(tiny_models["base"], tiny_models["headsup"], device="cpu").upscale(
+        img, 2, color_fix="none")
+    assert np.array_equal(a, b)
 
 
 def test_weights_change_the_output(tiny_models):

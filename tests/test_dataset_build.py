@@ -174,7 +174,7 @@ def test_phash_near_and_far():
 def test_real_tiny_insightface_pack(tmp_path):
     """Real insightface loading/decoding (tiny deterministic pack): faces, embeddings and identity links."""
     from headsup_core.faces import load_face_analyzer
-    from headsup_core.faces.tiny import write_tiny_face_models
+    from headsup_core.testing.tiny_faces import write_tiny_face_models
 
     write_tiny_face_models(tmp_path / "m")
     an = load_face_analyzer("insightface", model_root=tmp_path / "m" / "insightface", pack="tiny")

@@ -82,7 +82,7 @@ def ray_session():
 
 @pytest.fixture(scope="module")
 def faces_dir(tmp_path_factory, t1_jpg, tom_hanks_png):
-    from headsup_core.faces.tiny import write_tiny_face_models
+    from headsup_core.testing.tiny_faces import write_tiny_face_models
 
     root = tmp_path_factory.mktemp("rayds")
     write_tiny_face_models(root / "m")

@@ -12,7 +12,7 @@ pytest.importorskip("insightface")
 
 from headsup_core.eval import cli  # noqa: E402
 from headsup_core.eval.runner import load_samples, read_manifest  # noqa: E402
-from test_eval_util import t1_path, t1_small  # noqa: E402
+from eval_util import t1_path, t1_small  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_missing_face_models_skip_face_metrics_with_a_note(tmp_path):
 
 
 def test_manifest_references_reach_headsup(tiny, tmp_path):
-    from test_eval_util import t1_path as _t1
+    from eval_util import t1_path as _t1
 
     import os
 

@@ -102,8 +102,8 @@ def test_lpips_found_in_metrics_root_is_zero_for_identical_images(tmp_path, no_n
 def test_face_metrics_identical_and_degraded(tmp_path):
     """Face PSNR is capped for identical faces and drops with noise; ID similarity is ~1 for identical faces."""
     from headsup_core.faces import load_face_analyzer
-    from headsup_core.faces.tiny import write_tiny_face_models
-    from test_eval_util import t1_small
+    from headsup_core.testing.tiny_faces import write_tiny_face_models
+    from eval_util import t1_small
 
     write_tiny_face_models(tmp_path)
     analyzer = load_face_analyzer("insightface", model_root=tmp_path / "insightface", pack="tiny")

@@ -13,8 +13,8 @@ pytest.importorskip("cv2")
 
 from headsup_core.errors import FaceError, InputImageError, MissingDependencyError, MissingModelError
 from headsup_core.faces import build_face_condition, encode_reference, load_face_analyzer
-from headsup_core.faces.align import FFHQ_512
-from headsup_core.faces.tiny import ARCFACE_112, write_tiny_face_models
+from headsup_core.faces.align import ARCFACE_112, FFHQ_512
+from headsup_core.testing.tiny_faces import write_tiny_face_models
 from headsup_core.imageio import load_image, to_uint8_rgb
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # insightface calls a deprecated skimage API

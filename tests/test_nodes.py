@@ -30,7 +30,7 @@ def pack(tmp_path_factory):
     (models / "checkpoints" / "v2-1_512-ema-pruned.safetensors").write_bytes(b"x")
     (models / "diffusers" / "sd21" / "model_index.json").write_text("{}")
     (models / "insightface" / "models" / "mypack" / "det.onnx").write_bytes(b"x")
-    from headsup_core.tags.tiny import write_random_ram
+    from headsup_core.testing.tiny_tags import write_random_ram
 
     write_random_ram(models / "ram", num_classes=16)
     p = harness.load_pack(models)

@@ -145,7 +145,7 @@ def test_conditioning_of_the_wrong_width_is_refused_by_the_core(pack, model):
 def test_native_patch_tensors_match_the_core_merge(pack, tiny):
     """The pure-tensor half of HeadsUpPatchModel (no ComfyUI needed): LoRA dicts in ComfyUI's diffusers-style
     naming, and OSEDiff's conv_in LoRA merged exactly as the core's converter merges it."""
-    from headsup_core.checkpoint import convert_osediff, load_headsup, load_weights
+    from headsup_core.loading.weights import convert_osediff, load_headsup, load_weights
 
     import importlib
 
@@ -160,7 +160,7 @@ def test_native_patch_tensors_match_the_core_merge(pack, tiny):
     assert float(lora_sd[f"{m}.alpha"]) == w.alpha_unet and len(lora_sd) == 3 * len(modules)
 
     pkl = load_weights(tiny["osediff"])
-    weight, bias = cm._osediff_conv_in(pkl.unet_state)
+    weight, bias = cm.conv_in_of(pkl.unet_state)
     converted = load_headsup(convert_osediff(tiny["osediff"], Path(str(tiny["osediff"]) + ".test.safetensors")))
     assert torch.allclose(weight, converted.unet_state["conv_in.weight"][:, :4], atol=1e-6)
     assert torch.equal(bias.float(), converted.unet_state["conv_in.bias"].float())

@@ -36,7 +36,7 @@ def test_window_is_face_sized_on_the_grid_and_inside():
 def encoder():
     from diffusers import AutoencoderKL
 
-    from headsup_core.tiny import TINY_VAE
+    from headsup_core.testing.tiny_models import TINY_VAE
 
     torch.manual_seed(0)
     vae = AutoencoderKL(**TINY_VAE).eval()

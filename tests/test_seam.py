@@ -5,7 +5,7 @@ import pytest
 cv2 = pytest.importorskip("cv2")
 
 from headsup_core.eval.seam import boundary_regions, seam_score  # noqa: E402
-from test_eval_util import t1_small  # noqa: E402
+from eval_util import t1_small  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import ram_reference
 from headsup_core.errors import MissingModelError, WeightsError
 from headsup_core.tags import DapeTagger, find_tagger_files
 from headsup_core.tags.files import tagging_state_dict
-from headsup_core.tags.tiny import SMALL_SWIN, random_ram_states, write_random_ram
+from headsup_core.testing.tiny_tags import SMALL_SWIN, random_ram_states, write_random_ram
 
 VOCAB = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ram"
 HAS_VOCAB = (VOCAB / "ram_tag_list.txt").is_file() and (VOCAB / "ram_tag_list_threshold.txt").is_file()

@@ -15,7 +15,7 @@ pytest.importorskip("accelerate")
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from headsup_core.faces import load_face_analyzer
-    from headsup_core.tiny import make_tiny
+    from headsup_core.testing.tiny_models import make_tiny
     from headsup_core.train.dataset import BuildOptions, build_dataset
 
     root = tmp_path_factory.mktemp("train")
@@ -101,7 +101,7 @@ def test_checkpoint_loads_in_pipeline_with_same_output(setup):
 
 
 def test_init_from_osediff_weights(setup):
-    from headsup_core.checkpoint import load_weights
+    from headsup_core.loading.weights import load_weights
     from headsup_core.train.trainer import Trainer
 
     tr = Trainer(_cfg(setup, "init", init_weights=str(setup["osediff"])))

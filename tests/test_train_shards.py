@@ -51,7 +51,7 @@ def test_step_batches_cover_every_sample_once_over_ranks_and_workers():
 @pytest.fixture(scope="module")
 def shard_set(tmp_path_factory, tiny_models, t1_jpg, tom_hanks_png):
     from headsup_core.faces import load_face_analyzer
-    from headsup_core.faces.tiny import write_tiny_face_models
+    from headsup_core.testing.tiny_faces import write_tiny_face_models
     from headsup_core.train.dataset import BuildOptions, build_dataset
     from headsup_core.train.shards import write_shards
 

@@ -12,7 +12,7 @@ from diffusers.models.upsampling import Upsample2D
 
 from headsup_core import upsample
 from headsup_core.tiled_vae import decoder_forward, run_exact
-from headsup_core.tiny import TINY_VAE
+from headsup_core.testing.tiny_models import TINY_VAE
 
 CPU = torch.device("cpu")
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}

@@ -232,6 +232,17 @@ class MetricSuite:
             return None
 
 
+def psnr(a, b, peak: float = 1.0, min_mse: float = 0.0) -> float:
+    """PSNR in dB of ``a`` against ``b`` (tensors or arrays of one shape, values up to ``peak``), in float64; inf
+    for identical inputs unless ``min_mse`` floors the error (training logs average it, so keep it finite)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        mse = float(((torch.as_tensor(a).double() - torch.as_tensor(b).double()) ** 2).mean())
+    else:
+        mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    mse = max(mse, min_mse)
+    return math.inf if mse == 0 else 10 * math.log10(peak ** 2 / mse)
+
+
 def psnr_y(a: torch.Tensor, b: torch.Tensor, crop_border: int = 0) -> float:
     """Plain Y-channel PSNR (BT.601) without pyiqa, used for face regions; inf for identical crops."""
     w = torch.tensor([65.481, 128.553, 24.966], dtype=torch.float64).view(1, 3, 1, 1) / 255.0
@@ -240,8 +251,7 @@ def psnr_y(a: torch.Tensor, b: torch.Tensor, crop_border: int = 0) -> float:
     if crop_border:
         ya = ya[..., crop_border:-crop_border, crop_border:-crop_border]
         yb = yb[..., crop_border:-crop_border, crop_border:-crop_border]
-    mse = float(((ya - yb) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+    return psnr(ya, yb)
 
 
 def _iou(a, b) -> float:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import FaceError, HeadsUpError, MissingDependencyError, MissingModelError
+from ..errors import FaceError, HeadsUpError, InputImageError, MissingDependencyError, MissingModelError
 from .common import (GPU_PROVIDERS, AnalyzerBase, FaceAnalyzer, check_image, embed_with_arcface,  # noqa: F401
                      log_licence, normalise, provider_name, resolve_providers)
 from .types import DetectedFace
@@ -233,3 +233,32 @@ def load_auto(insightface_root=None, facexlib_root=None, pack=None, providers=No
     log.warning("faces=auto: no face backend found (no insightface pack, dlib not installed, no facexlib "
                 "weights): no face mask and no references. pip install dlib-bin face-recognition-models")
     return None
+
+
+NO_FACE_BACKEND = ("Face analysis needs a face backend, and none is installed: pip install dlib-bin "
+                   "face-recognition-models (commercial use allowed), or add an insightface pack "
+                   "(insightface/models/<pack>/) or facexlib weights (facedetection/).")
+
+
+def choose_face_analyzer(backend: str = "auto", insightface_root=None, facexlib_root=None, dlib_root=None,
+                         pack=None, providers=None, device=None, required: bool = False,
+                         **options) -> FaceAnalyzer | None:
+    """The face-backend choice of every front end (CLI ``--faces``, the ComfyUI loader, the A1111 extension).
+
+    ``auto``: an insightface pack under ``insightface_root``, then dlib, then facexlib weights in
+    ``facexlib_root`` (``load_auto``, which logs the choice and its licence); any other backend loads from its own
+    root. ``required`` (a reference was given): no analyzer is an error, in the same sentence everywhere."""
+    backend = (backend or "auto").lower()
+    if backend == "auto":
+        analyzer = load_auto(insightface_root=insightface_root, facexlib_root=facexlib_root, pack=pack,
+                             providers=providers, device=device, **options)
+    else:
+        root = {"insightface": insightface_root, "dlib": dlib_root, "facexlib": facexlib_root}.get(backend)
+        analyzer = load_face_analyzer(backend, model_root=root, pack=pack, providers=providers, device=device,
+                                      **options)
+    if analyzer is None and required:
+        if backend == "none":
+            raise InputImageError("A reference needs face analysis, but faces are off (none): use auto, dlib, "
+                                  "insightface or facexlib.")
+        raise MissingModelError(NO_FACE_BACKEND)
+    return analyzer

@@ -47,12 +47,9 @@ def build_retinaface(name: str, device="cpu"):
 
 
 def _load_state(path: Path) -> dict:
-    import torch
+    from ..loading.weight_files import torch_load_safely
 
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - pickle/zip/unpickler errors all mean a bad file
-        raise WeightsError(f"Cannot read facexlib weights {path}: {err}. Re-download the file.") from None
+    state = torch_load_safely(str(path))
     if isinstance(state, dict) and "params" in state and isinstance(state["params"], dict):
         state = state["params"]
     return {k.removeprefix("module."): v for k, v in state.items()}

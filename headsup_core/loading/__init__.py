@@ -2,5 +2,5 @@
 (``surgery``: LoRA placement/merge, conv_in widening), the text encoder and tokenizer (``text_encoder``), and
 ``build_model`` (``build``), which the pipeline, the trainer and the benches use.
 
-``headsup_core.base_models``, ``.checkpoint`` and ``.lora`` remain as re-export shims.
+Weight files themselves (safetensors, safe ``torch.load``) are read in ``weight_files``.
 """

@@ -17,9 +17,10 @@ from typing import Any, Callable
 import torch
 
 from ..errors import MissingModelError, WeightsError
-from .finite import check_all_finite
-from .surgery import widen_conv_in  # noqa: F401 - re-exported (conv_in surgery lives in surgery.py)
-from .text_encoder import TEXT_PREFIXES, check_text_tower, single_file_text_loader, text_config, text_layout
+from .stream import SingleFile
+from .text_encoder import (TEXT_PREFIXES, check_text_tower, quiet_transformers, sd2_tokenizer, single_file_text_loader,
+                           text_config, text_layout)
+from .weight_files import check_present
 
 log = logging.getLogger("headsup")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -67,57 +68,6 @@ def base_fingerprint(unet) -> str:
     return h.hexdigest()[:16]
 
 
-def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a weights file safely. Returns (tensors, safetensors metadata). Raises WeightsError when unsafe/corrupt."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise MissingModelError(f"Weights file not found: {path}")
-    if os.path.getsize(path) == 0:
-        raise WeightsError(f"The weights file {path} is empty (0 bytes); download or copy it again.")
-    if path.endswith(".safetensors"):
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            tensors, meta = {}, {}
-            with safe_open(path, framework="pt", device="cpu") as f:
-                meta = dict(f.metadata() or {})
-                for key in f.keys():
-                    tensors[key] = f.get_tensor(key)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-            raise WeightsError(
-                f"The safetensors file {path} is corrupt or truncated ({err}); download or copy it again."
-            ) from None
-        check_all_finite(tensors, path)
-        return tensors, meta
-    state = _torch_load_safely(path)
-    check_all_finite(state, path)
-    return state, {}
-
-
-def _torch_load_safely(path: str) -> dict:
-    import pickle
-
-    try:
-        try:  # zip-format checkpoints are memory-mapped (tensors are read when used); legacy ones are read whole
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err) and "zip" not in str(err):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise WeightsError(
-            f"Refusing to load {path}: it is a pickle that contains code or objects other than tensors ({err}). "
-            "Only plain tensor checkpoints are loaded; convert it to .safetensors with a trusted tool."
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
-        raise WeightsError(f"Cannot read {path}: the file is corrupt or not a torch checkpoint ({err}).") from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise WeightsError(f"{path} does not contain a dictionary of tensors (found {type(obj).__name__}).")
-    return obj
-
-
 def identify_architecture(sd: dict[str, torch.Tensor]) -> str:
     """Name the model family of an LDM/sgm-layout state dict: sd2, sd1, sdxl, flux, sd3, or unknown.
 
@@ -142,6 +92,15 @@ def identify_architecture(sd: dict[str, torch.Tensor]) -> str:
     if f"{LDM_UNET}input_blocks.0.0.weight" in sd:
         return "unknown-unet"
     return "unknown"
+
+
+def is_sd2_file(path: str | os.PathLike) -> bool:
+    """Whether a single file holds an SD2.x model, told from its header alone; False for a file that cannot be read
+    (front ends list the SD2 files of a folder with this)."""
+    try:
+        return identify_architecture(SingleFile(path).header) == "sd2"
+    except WeightsError:
+        return False
 
 
 def identify_layout(sd: dict[str, torch.Tensor]) -> str:
@@ -227,12 +186,7 @@ def load_single_file(path: str, prediction_type: str | None = None, configs: dic
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
-    from .stream import SingleFile
-
-    if not os.path.exists(path):
-        raise MissingModelError(f"Weights file not found: {path}")
-    if os.path.getsize(path) == 0:
-        raise WeightsError(f"The weights file {path} is empty (0 bytes); download or copy it again.")
+    check_present(path)
     src = SingleFile(path)
     header, meta = src.header, src.metadata
     arch = identify_architecture(header)
@@ -313,7 +267,6 @@ def load_diffusers_folder(path: str, prediction_type: str | None = None, dtypes:
         def loader(path=path):
             from transformers import CLIPTextModel, CLIPTokenizer
 
-            from .text_encoder import quiet_transformers, sd2_tokenizer
 
             with quiet_transformers():
                 if os.path.isdir(os.path.join(path, "tokenizer")):
@@ -328,8 +281,6 @@ def load_diffusers_folder(path: str, prediction_type: str | None = None, dtypes:
 
 def base_param_count(path: str | os.PathLike) -> int:
     """Parameters of the base's UNet and VAE, from file headers only (0 when unknown); for the storage policy."""
-    from .stream import SingleFile
-
     path = os.fspath(path)
     try:
         if os.path.isdir(path):

@@ -15,8 +15,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..errors import WeightsError
 from .finite import check_finite
+from .weight_files import SAFETENSORS_ERRORS, corrupt_safetensors, torch_load_safely
 
 CHUNK_BYTES = 512 << 20  # source bytes read per opening of the memory map
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -26,10 +26,6 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
 
 # dtype a tensor should be read in, from its key and its stored dtype (None: keep the stored dtype)
 DtypeRule = Callable[[str, torch.dtype], "torch.dtype | None"]
-
-
-def _corrupt(path: str, err: BaseException) -> WeightsError:
-    return WeightsError(f"The safetensors file {path} is corrupt or truncated ({err}); download or copy it again.")
 
 
 class SingleFile:
@@ -53,12 +49,10 @@ class SingleFile:
                         self.header[key] = torch.empty(sl.get_shape(), dtype=_ST_DTYPES.get(sl.get_dtype(),
                                                                                              torch.uint8),
                                                        device="meta")
-            except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-                raise _corrupt(self.path, err) from None
+            except (SafetensorError, *SAFETENSORS_ERRORS) as err:
+                raise corrupt_safetensors(self.path, err) from None
         else:
-            from .base import _torch_load_safely
-
-            self._pickled = _torch_load_safely(self.path)
+            self._pickled = torch_load_safely(self.path)
             self.header = {k: v for k, v in self._pickled.items() if isinstance(v, torch.Tensor)}
 
     def keys_with_prefix(self, *prefixes: str) -> list[str]:
@@ -94,8 +88,8 @@ class SingleFile:
                         take(keys[start], t)
                         del t
                         start += 1
-        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-            raise _corrupt(self.path, err) from None
+        except (SafetensorError, *SAFETENSORS_ERRORS) as err:
+            raise corrupt_safetensors(self.path, err) from None
         return out
 
     def close(self) -> None:

@@ -27,7 +27,6 @@ from typing import Any, Callable
 import torch
 
 from ..errors import MissingModelError, WeightsError
-from .finite import check_all_finite
 
 log = logging.getLogger("headsup")
 TEXT_PREFIXES = {"ldm": "cond_stage_model.model.", "sgm": "conditioner.embedders.0.model."}
@@ -283,10 +282,9 @@ def single_file_text_loader(path: str, layout: str, tensors: dict | None = None,
     def load():
         sd = kept
         if sd is None:
-            from safetensors import safe_open
+            from .stream import SingleFile
 
-            with safe_open(path, framework="pt", device="cpu") as f:
-                sd = {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
-            check_all_finite(sd, path)
+            src = SingleFile(path)
+            sd = src.read(src.keys_with_prefix(prefix))  # checked for NaN/inf as it is read
         return sd2_tokenizer(), convert_text_encoder(sd, layout, path, config_override)
     return load

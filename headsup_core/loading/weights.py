@@ -18,13 +18,17 @@ from typing import Any
 import torch
 
 from ..errors import MissingModelError, WeightsError
-from .base import base_fingerprint, read_state_dict
-from .surgery import DEFAULT_LORA_ALPHA, UNET_ADAPTERS, VAE_ADAPTER
+from .base import base_fingerprint
+from .weight_files import read_state_dict
+from .surgery import DEFAULT_LORA_ALPHA, VAE_ADAPTER
 
 FORMAT = "headsup"
 FORMAT_VERSION = 1
 REQUIRED_METADATA = ("format", "format_version", "base_arch", "rank_unet", "rank_vae", "unet_lora_targets",
                      "vae_lora_targets", "timestep", "prediction_type", "in_channels", "default_color_fix")
+# Names that older checkpoints record in their metadata (``lora_targets_from``), from before the modules that
+# re-exported them were removed, -> where they live now. New checkpoints are written with the new names.
+RENAMED_IN_METADATA = {"headsup_core.lora.add_osediff_adapters": "headsup_core.loading.surgery.add_osediff_adapters"}
 OSEDIFF_KEYS = ("unet_lora_encoder_modules", "unet_lora_decoder_modules", "unet_lora_others_modules",
                 "rank_unet", "state_dict_unet")
 
@@ -65,6 +69,7 @@ def _json(meta: dict, key: str, path: str):
 
 def load_headsup(path: str) -> LoadedWeights:
     tensors, meta = read_state_dict(path)
+    meta = {k: RENAMED_IN_METADATA.get(v, v) for k, v in meta.items()}
     if meta.get("format") != FORMAT:
         hint = ""
         if any(k.startswith(("model.diffusion_model.", "first_stage_model.")) for k in tensors):
@@ -176,6 +181,34 @@ def _merged_conv_in(unet) -> tuple[torch.Tensor, torch.Tensor]:
     return conv.weight.detach().clone(), conv.bias.detach().clone()
 
 
+def full_conv_in(unet_state: dict,
+                 alpha: float = DEFAULT_LORA_ALPHA) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The full ``conv_in`` (weight, bias) of a weights file's UNet state; an OSEDiff ``.pkl``'s conv_in LoRA is
+    merged by peft. (None, None) when the state has no conv_in. The core converter and the ComfyUI patch use it."""
+    if "conv_in.weight" in unet_state:
+        return unet_state["conv_in.weight"], unet_state.get("conv_in.bias")
+    base_w = unet_state.get("conv_in.base_layer.weight")
+    if base_w is None:
+        return None, None
+    from peft import LoraConfig, inject_adapter_in_model
+
+    holder = torch.nn.Module()
+    holder.conv_in = torch.nn.Conv2d(base_w.shape[1], base_w.shape[0], base_w.shape[2], padding=base_w.shape[2] // 2)
+    adapters = sorted({k.split(".")[2] for k in unet_state if k.startswith("conv_in.lora_A.")})
+    for adapter in adapters:
+        rank = int(unet_state[f"conv_in.lora_A.{adapter}.weight"].shape[0])
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=["conv_in"]), holder,
+                                adapter_name=adapter)
+    with torch.no_grad():
+        params = dict(holder.named_parameters())
+        for key, value in unet_state.items():
+            if key.startswith("conv_in."):
+                params[key if key in params else key.replace("conv_in.", "conv_in.base_layer.")].copy_(value)
+    if adapters:
+        holder.conv_in.set_adapter(adapters)
+    return _merged_conv_in(holder)
+
+
 def _groups_from_model(model) -> dict[str, list[str]]:
     from peft.tuners.lora import LoraLayer
 
@@ -242,32 +275,10 @@ def convert_osediff(pkl_path: str | os.PathLike, out_path: str | os.PathLike, in
 
     ``prompt_embeds`` (OSEDiff's default conditioning, the base's text encoder on ``", ,"``) is stored so later
     runs need no text encoder; ``convert_osediff_with_base`` computes it from a base file."""
-    from peft import LoraConfig, inject_adapter_in_model
-
     w = load_osediff(os.fspath(pkl_path))
-    base_w = w.unet_state.get("conv_in.base_layer.weight", w.unet_state.get("conv_in.weight"))
-    if base_w is None:
+    weight, bias = full_conv_in(w.unet_state, w.alpha_unet)
+    if weight is None:
         raise WeightsError(f"{pkl_path}: state_dict_unet has no conv_in weights; the OSEDiff checkpoint is incomplete.")
-
-    class _Holder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv_in = torch.nn.Conv2d(base_w.shape[1], base_w.shape[0], base_w.shape[2], padding=base_w.shape[2] // 2)
-
-    holder = _Holder()
-    adapters = [a for a in UNET_ADAPTERS if "conv_in" in w.unet_groups.get(a, [])]
-    for adapter in adapters:
-        cfg = LoraConfig(r=w.rank_unet, lora_alpha=w.alpha_unet, target_modules=["conv_in"])
-        inject_adapter_in_model(cfg, holder, adapter_name=adapter)
-    with torch.no_grad():
-        params = dict(holder.named_parameters())
-        for key, value in w.unet_state.items():
-            if key.startswith("conv_in."):
-                name = key if key in params else key.replace("conv_in.", "conv_in.base_layer.")
-                params[name].copy_(value)
-    if adapters:
-        holder.conv_in.set_adapter(adapters)
-    weight, bias = _merged_conv_in(holder)
     wide = torch.zeros(weight.shape[0], in_channels, *weight.shape[2:])
     wide[:, : weight.shape[1]] = weight
     tensors = {"unet." + k: v for k, v in w.unet_state.items() if "lora_" in k and not k.startswith("conv_in.")}

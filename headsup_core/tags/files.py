@@ -102,9 +102,9 @@ def read_vocabulary(files: TaggerFiles, num_classes: int | None = None):
 
 
 def _load(path: Path, renames: bool) -> dict:
-    from ..loading.base import _torch_load_safely
+    from ..loading.weight_files import torch_load_safely
 
-    sd = _torch_load_safely(str(path))
+    sd = torch_load_safely(str(path))
     for wrapper in ("model", "params"):
         if isinstance(sd.get(wrapper), dict):
             sd = sd[wrapper]

@@ -86,8 +86,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- setup
     def _build_models(self):
-        from ..base_models import load_base, widen_conv_in
-        from ..lora import add_osediff_adapters
+        from ..loading.base import load_base
+        from ..loading.surgery import add_osediff_adapters, widen_conv_in
         from ..pipeline import HeadsUpPipeline
         from .vsd import VSDRegulariser, alphas_cumprod_from_config
 
@@ -128,7 +128,7 @@ class Trainer:
         self.generator = HeadsUpGenerator(self.model)
 
     def _load_init(self):
-        from ..checkpoint import convert_osediff, load_weights
+        from ..loading.weights import convert_osediff, load_weights
 
         path = self.cfg.get("init_weights")
         if not path:
@@ -139,7 +139,7 @@ class Trainer:
 
     @staticmethod
     def _apply_init(unet, vae, w):
-        from ..checkpoint import (
+        from ..loading.weights import (
             load_tensors_into,  # core's strict loader (unknown / mis-shaped keys raise WeightsError)
         )
 
@@ -258,14 +258,14 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.step)
 
     def save_checkpoint(self, path=None) -> Path:
-        from ..checkpoint import save_headsup_checkpoint
+        from ..loading.weights import save_headsup_checkpoint
 
         path = Path(path or self.out / "checkpoints" / f"headsup_step_{self.step:07d}.safetensors")
         model = self.acc.unwrap_model(self.generator).model
         meta = {"prediction_type": self.prediction_type, "trained_steps": self.step, "trainer": "headsup train",
                 "degradation": "realesrgan-second-order", "ref_dropout": self.cfg["data"]["ref_dropout"],
                 "losses": json.dumps({k: v for k, v in self.cfg["losses"].items() if isinstance(v, (int, float))}),
-                "lora_targets_from": "headsup_core.lora.add_osediff_adapters"}
+                "lora_targets_from": "headsup_core.loading.surgery.add_osediff_adapters"}
         if self.arcface is not None:  # which identity network supervised the faces (and its licence)
             meta["identity_loss_network"] = self.arcface.name
         if self.acc.is_main_process:

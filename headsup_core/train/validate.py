@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
+
+from ..eval.metrics import psnr
 
 
 def validation_items(trainer, n: int | None = None) -> list[dict]:
@@ -30,8 +30,7 @@ def face_psnr(sr01: torch.Tensor, gt01: torch.Tensor, boxes: torch.Tensor, size:
 
     if boxes.numel() == 0:
         return None
-    mse = F.mse_loss(crop_faces(sr01, boxes, size), crop_faces(gt01, boxes, size)).item()
-    return 10 * math.log10(1.0 / max(mse, 1e-10))
+    return psnr(crop_faces(sr01, boxes, size), crop_faces(gt01, boxes, size), min_mse=1e-10)
 
 
 @torch.no_grad()
@@ -58,7 +57,7 @@ def evaluate(trainer, items: list[dict], save_to=None) -> dict:
             sr01 = ((sr.float() + 1) / 2).clamp(0, 1)
             mse = F.mse_loss(sr01, gt).item()
             totals["mse"].append(mse)
-            totals["psnr"].append(10 * math.log10(1 / max(mse, 1e-10)))
+            totals["psnr"].append(psnr(sr01, gt, min_mse=1e-10))
             if trainer.lpips is not None:
                 totals["lpips"].append(trainer.lpips(sr, gt * 2 - 1).item())
             fp = face_psnr(sr01, gt, b["faces"]["boxes"].to(dev))

@@ -158,7 +158,7 @@ def text_encoder_to_openclip(state: dict, prefix: str, extra_blocks: int = 1, se
 
 
 def _write_diffusers_base(folder: Path, unet, vae, text) -> None:
-    from .loading.text_encoder import quiet_transformers, write_tokenizer_files
+    from ..loading.text_encoder import quiet_transformers, write_tokenizer_files
 
     unet.save_pretrained(folder / "unet", safe_serialization=True)
     vae.save_pretrained(folder / "vae", safe_serialization=True)
@@ -184,9 +184,9 @@ def make_tiny(folder: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
     """Write every tiny model under ``folder`` and return their paths."""
     from safetensors.torch import save_file
 
-    from .base_models import TINY_CONFIG_KEY, widen_conv_in
-    from .checkpoint import save_headsup_checkpoint
-    from .lora import add_osediff_adapters
+    from ..loading.base import TINY_CONFIG_KEY
+    from ..loading.surgery import add_osediff_adapters, widen_conv_in
+    from ..loading.weights import save_headsup_checkpoint
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -233,7 +233,7 @@ def make_tiny(folder: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
              "base_sgm": folder / "base_sgm.safetensors", "configs": folder / "configs.json",
              "headsup": folder / "headsup.safetensors", "osediff": folder / "osediff.pkl"}
     try:
-        from .faces.tiny import write_tiny_face_models
+        from .tiny_faces import write_tiny_face_models
     except ImportError:
         return paths
     paths.update({k: Path(v) for k, v in write_tiny_face_models(folder).items()})

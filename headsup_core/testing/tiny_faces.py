@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MissingDependencyError
-from .align import ARCFACE_112  # noqa: F401 - re-exported (tests import it from here)
+from ..faces.align import ARCFACE_112
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def _write_tiny_retinaface(path: Path) -> None:
     """Random mobilenet0.25 RetinaFace whose class head says 'background' everywhere."""
     import torch
 
-    from .facexlib_backend import build_retinaface
+    from ..faces.facexlib_backend import build_retinaface
 
     torch.manual_seed(0)
     net = build_retinaface("retinaface_mobile0.25", device="cpu")

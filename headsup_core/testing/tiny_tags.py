@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .files import DAPE_WEIGHTS, RAM_WEIGHTS, TAG_LIST, TAG_THRESHOLDS
-from .swin import _relative_position_index, _shift_mask
+from ..tags.files import DAPE_WEIGHTS, RAM_WEIGHTS, TAG_LIST, TAG_THRESHOLDS
+from ..tags.swin import _relative_position_index, _shift_mask
 
 FULL_SWIN = dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48))
 SMALL_SWIN = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))  # same structure, fewer blocks
@@ -127,8 +127,8 @@ def write_random_ram(folder, tag_list=None, thresholds=None, num_classes: int = 
     paths = {"ram": folder / RAM_WEIGHTS, "dape": folder / DAPE_WEIGHTS}
     torch.save({"model": ram}, folder / RAM_WEIGHTS)
     # Centre the logits of a noise image (what tests feed) below the usual threshold: a mix of tags passes.
-    from .files import tagging_state_dict
-    from .tagger import build_net, preprocess
+    from ..tags.files import tagging_state_dict
+    from ..tags.tagger import build_net, preprocess
 
     with torch.no_grad():
         noise = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
