@@ -30,7 +30,8 @@ def main() -> None:
 
     from headsup_core.faces import build_face_condition, encode_reference, load_face_analyzer
     from headsup_core.testing.tiny_faces import write_tiny_face_models
-    from headsup_core.imageio import load_image, to_uint8_rgb
+    from headsup_core.imageio import to_uint8_rgb
+    from headsup_core.files.read import load_image
 
     tmp = Path(tempfile.mkdtemp())
     paths = write_tiny_face_models(tmp)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging as _logging
 
-__version__ = "0.1.0"
+from .version import __version__
 
 
 # Third-party notices a normal run prints that say nothing about the user's job, as (logger, text in the message).

@@ -19,8 +19,7 @@ import numpy as np
 import torch
 
 from .errors import InputImageError
-
-CROP_SIZE = 512
+from .faces.align import CROP_SIZE
 
 
 def _feather_mask(size: int, margin: float, feather: float) -> np.ndarray:

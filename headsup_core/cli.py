@@ -76,7 +76,7 @@ def cmd_upscale(args) -> int:
     from tqdm import tqdm
 
     from .batch import StopRequest, plan_jobs
-    from .imageio import load_image
+    from .files.read import load_image
     from .model_paths import find_weights, model_root, resolve_base
     from .options import UpscaleOptions
     from .pipeline import HeadsUpPipeline, check_scale

@@ -13,8 +13,6 @@ import numpy as np
 import torch
 
 from .errors import InputImageError
-from .files.read import load_image  # noqa: F401 - re-exported: file reading/writing live in files/
-from .files.write import save_image_atomic  # noqa: F401
 
 MAX_SIDE = 65536  # a sanity cap: larger sides are almost certainly corrupt headers
 

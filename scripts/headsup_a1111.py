@@ -42,7 +42,6 @@ from modules import upscaler as _upscaler  # a module import: the base classes a
 
 WEIGHTS_EXTS = (".safetensors", ".pkl")
 BASE_STEMS = ("base",)
-COLOR_FIXES = COLOR_FIX_MODES
 DEFAULT_SCALE = 4  # OSEDiff, and so HeadsUp's initialisation, is trained for 4x
 AUTOMATIC = "Automatic"
 SD_PREFIX = "Stable-diffusion/"
@@ -186,7 +185,7 @@ def _free_memory() -> None:
         devices.torch_gc()
 
 
-def _stamp():
+def _job_stamp():
     return getattr(getattr(shared, "state", None), "job_timestamp", None)
 
 
@@ -194,13 +193,13 @@ def set_options(enable=False, reference=None, color_fix="adain", tile_size=0) ->
     _OPTIONS.clear()
     _OPTIONS.update(_DEFAULTS)
     if enable:
-        _OPTIONS.update(reference=reference, color_fix=color_fix if color_fix in COLOR_FIXES else "adain",
-                        tile_size=int(tile_size or 0), stamp=_stamp())
+        _OPTIONS.update(reference=reference, color_fix=color_fix if color_fix in COLOR_FIX_MODES else "adain",
+                        tile_size=int(tile_size or 0), stamp=_job_stamp())
 
 
 def current_options() -> dict:
     """The Extras section's settings if they were set in this job, else the defaults (e.g. in hires fix)."""
-    return dict(_OPTIONS) if _OPTIONS["stamp"] is not None and _OPTIONS["stamp"] == _stamp() else dict(_DEFAULTS)
+    return dict(_OPTIONS) if _OPTIONS["stamp"] is not None and _OPTIONS["stamp"] == _job_stamp() else dict(_DEFAULTS)
 
 
 def _image_digest(image) -> str | None:
@@ -357,7 +356,7 @@ class ScriptPostprocessingHeadsUp(scripts_postprocessing.ScriptPostprocessing):
             if accordion is None:
                 enable = gr.Checkbox(False, label="HeadsUp: use these settings")
             reference = gr.Image(label="Reference photo of the person (optional)", type="pil")
-            color_fix = gr.Dropdown(list(COLOR_FIXES), value="adain", label="Colour fix")
+            color_fix = gr.Dropdown(list(COLOR_FIX_MODES), value="adain", label="Colour fix")
             tile_size = gr.Slider(0, 2048, value=0, step=64, label="Tile size (0 = automatic)")
         return {"enable": enable, "reference": reference, "color_fix": color_fix, "tile_size": tile_size}
 

@@ -96,7 +96,7 @@ def test_folder_in_folder_out(tmp_path, tiny_models):
 
 
 def test_atomic_save_leaves_nothing_on_failure(tmp_path, monkeypatch):
-    from headsup_core.imageio import save_image_atomic
+    from headsup_core.files.write import save_image_atomic
 
     image = Image.new("RGB", (4, 4))
 

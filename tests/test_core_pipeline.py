@@ -37,7 +37,7 @@ def test_rgba_alpha_is_resized_and_carried_through(tiny_pipe):
 
 
 def test_16_bit_png_round_trips_at_16_bit(tiny_pipe, tmp_path):
-    from headsup_core.imageio import load_image
+    from headsup_core.files.read import load_image
 
     src = (np.random.RandomState(1).rand(12, 16) * 65535).astype(np.uint16)
     Image.fromarray(src).save(tmp_path / "in16.png")
@@ -75,7 +75,7 @@ def test_bad_options_are_refused(tiny_pipe):
 
 
 def test_unreadable_image_file(tmp_path):
-    from headsup_core.imageio import load_image
+    from headsup_core.files.read import load_image
 
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
     with pytest.raises(InputImageError, match="Cannot read image"):

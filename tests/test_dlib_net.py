@@ -11,7 +11,8 @@ dlib = pytest.importorskip("dlib")
 from headsup_core.errors import FaceError, WeightsError  # noqa: E402
 from headsup_core.faces import load_identity_network  # noqa: E402
 from headsup_core.faces import dlib_backend  # noqa: E402
-from headsup_core.imageio import load_image, to_uint8_rgb  # noqa: E402
+from headsup_core.imageio import to_uint8_rgb  # noqa: E402
+from headsup_core.files.read import load_image  # noqa: E402
 
 DEEPFACE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "faces-deepface"
 

@@ -15,7 +15,8 @@ from headsup_core.errors import FaceError, InputImageError, MissingDependencyErr
 from headsup_core.faces import build_face_condition, encode_reference, load_face_analyzer
 from headsup_core.faces.align import ARCFACE_112, FFHQ_512
 from headsup_core.testing.tiny_faces import write_tiny_face_models
-from headsup_core.imageio import load_image, to_uint8_rgb
+from headsup_core.imageio import to_uint8_rgb
+from headsup_core.files.read import load_image
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # insightface calls a deprecated skimage API
 IMAGES = Path(insightface.__file__).parent / "data" / "images"

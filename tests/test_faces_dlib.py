@@ -13,7 +13,8 @@ skdata = pytest.importorskip("skimage.data")
 from headsup_core.errors import FaceError  # noqa: E402
 from headsup_core.faces import build_face_condition, encode_reference, load_face_analyzer  # noqa: E402
 from headsup_core.faces.identity import MATCH_THRESHOLD, SAME_PERSON_THRESHOLD, similarity  # noqa: E402
-from headsup_core.imageio import load_image, to_uint8_rgb  # noqa: E402
+from headsup_core.imageio import to_uint8_rgb  # noqa: E402
+from headsup_core.files.read import load_image  # noqa: E402
 
 
 @pytest.fixture(scope="module")

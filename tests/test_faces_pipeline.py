@@ -21,7 +21,8 @@ def tiny_all(tiny_models):
 @pytest.fixture(scope="module")
 def setup(tiny_all):
     from headsup_core.faces import load_face_analyzer
-    from headsup_core.imageio import load_image, to_uint8_rgb
+    from headsup_core.imageio import to_uint8_rgb
+    from headsup_core.files.read import load_image
     from headsup_core.pipeline import HeadsUpPipeline
 
     pipe = HeadsUpPipeline.from_files(tiny_all["base"], tiny_all["headsup"], device="cpu")

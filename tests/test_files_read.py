@@ -38,7 +38,7 @@ def test_pixel_bomb_is_one_sentence_via_cli(tmp_path, tiny_models, capsys, side)
 
 
 def test_pixel_limit_is_the_same_in_the_library_and_can_be_raised(tmp_path, monkeypatch):
-    from headsup_core.imageio import load_image
+    from headsup_core.files.read import load_image
 
     img = tmp_path / "ok.png"
     Image.new("RGB", (40, 30)).save(img)
@@ -73,7 +73,7 @@ def test_exif_orientation_is_applied_on_load_and_reset(tmp_path):
     from PIL import ImageOps
 
     from headsup_core.files import read_photo
-    from headsup_core.imageio import load_image
+    from headsup_core.files.read import load_image
 
     src = tmp_path / "phone.jpg"
     _marked().save(src, exif=_exif(6), quality=98, subsampling=0)

@@ -9,7 +9,8 @@ cv2 = pytest.importorskip("cv2")
 pytest.importorskip("kornia")
 
 from headsup_core.faces import dlib_backend  # noqa: E402
-from headsup_core.imageio import load_image, to_uint8_rgb  # noqa: E402
+from headsup_core.imageio import to_uint8_rgb  # noqa: E402
+from headsup_core.files.read import load_image  # noqa: E402
 
 
 @pytest.fixture(scope="module")

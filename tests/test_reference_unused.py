@@ -38,7 +38,8 @@ class CountingAnalyzer:
 @pytest.fixture(scope="module")
 def setup(tiny_models):
     from headsup_core.faces import load_face_analyzer
-    from headsup_core.imageio import load_image, to_uint8_rgb
+    from headsup_core.imageio import to_uint8_rgb
+    from headsup_core.files.read import load_image
 
     analyzer = load_face_analyzer("insightface", model_root=tiny_models["insightface_root"], pack="tiny",
                                   device="cpu")

@@ -47,7 +47,8 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 
 
 def _u8(path) -> np.ndarray:
-    from ..imageio import load_image, to_uint8_rgb
+    from ..imageio import to_uint8_rgb
+    from ..files.read import load_image
 
     return to_uint8_rgb(load_image(path))
 
@@ -390,7 +391,7 @@ def build_methods(names, *, base=None, weights=None, osediff_weights=None, face_
             def run(s, faces, p=p):
                 refs = None
                 if s.references and analyzer is not None:
-                    from ..imageio import load_image
+                    from ..files.read import load_image
 
                     refs = [load_image(r) for r in s.references]
                 out, info = upscale_with_retry(p, s.lq, scale=scale, reference=refs, face_analyzer=analyzer,

@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 def _as_rgb(image, name: str) -> np.ndarray:
     """Any accepted image kind (path, PIL, uint8 array, float tensor) -> HxWx3 uint8 RGB."""
-    from ..imageio import load_image, to_uint8_rgb
+    from ..imageio import to_uint8_rgb
+    from ..files.read import load_image
 
     if isinstance(image, (str, os.PathLike)):
         image = load_image(image)

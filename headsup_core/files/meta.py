@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..version import __version__
+
 ORIENTATION, SOFTWARE, EXIF_IFD, GPS_IFD = 0x0112, 0x0131, 0x8769, 0x8825
 PIXEL_X, PIXEL_Y = 0xA002, 0xA003
 # TIFF tags that describe a file's own pixel layout (Pillow's getexif on a TIFF returns them with the camera tags),
@@ -25,8 +27,6 @@ log = logging.getLogger("headsup")
 
 
 def software_name() -> str:
-    from .. import __version__
-
     return f"HeadsUp {__version__}"
 
 

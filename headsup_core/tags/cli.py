@@ -30,7 +30,8 @@ def tagger_from_args(args, root=None):
 
 def cmd_tags(args) -> int:
     from ..batch import expand_inputs
-    from ..imageio import load_image, to_batch
+    from ..imageio import to_batch
+    from ..files.read import load_image
 
     tagger = tagger_from_args(args, args.models)
     files = [src for src, _ in expand_inputs(args.inputs)]  # the same inputs (and refusals) as headsup upscale
