@@ -58,7 +58,7 @@ def _upscale_one(job, pipe, options, references, analyzer, args, stop) -> None:
 
     from .files.read import read_photo
     from .files.write import save_photo
-    from .memory import upscale_with_retry
+    from .runner import upscale_with_retry
 
     photo = read_photo(job.src, args.max_pixels)
     bar = tqdm(total=1, desc=job.src.name, unit="tile", leave=False, disable=args.quiet, position=1)

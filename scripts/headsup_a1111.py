@@ -326,7 +326,7 @@ class UpscalerHeadsUp(_upscaler.Upscaler):
             if state is not None and hasattr(state, "sampling_steps"):
                 state.sampling_steps, state.sampling_step = total, done
 
-        from headsup_core.memory import upscale_with_retry
+        from headsup_core.runner import upscale_with_retry
 
         _free_memory()
         pipe.to(*_device_dtype())
