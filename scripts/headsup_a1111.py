@@ -152,16 +152,16 @@ def weights_scale(path: str) -> int:
 
 
 def _device_dtype():
+    """A1111's device, and the dtype precision.py picks from its dtype and --no-half."""
     import torch
+    from headsup_core.precision import host_dtype
 
     dev = getattr(devices, "device", None)
     if dev is None and hasattr(devices, "get_optimal_device"):
         dev = devices.get_optimal_device()
     dev = torch.device(dev or "cpu")
-    dtype = getattr(devices, "dtype", None) or torch.float32
-    if dev.type == "cpu" or getattr(getattr(shared, "cmd_opts", None), "no_half", False):
-        dtype = torch.float32
-    return dev, dtype
+    no_half = bool(getattr(getattr(shared, "cmd_opts", None), "no_half", False))
+    return dev, host_dtype(None, dev, host=getattr(devices, "dtype", None) or torch.float32, no_half=no_half)
 
 
 def forge_prepare_free_memory():

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from headsup_core import HeadsUpPipeline
 from headsup_core.errors import InterruptedByUser
-from headsup_core.tiled_vae import decoder_forward, encoder_forward, partition, run_exact
+from headsup_core.geometry import partition
+from headsup_core.tiled_vae import decoder_forward, encoder_forward, run_exact
 from headsup_core.tiling import TilePlan
 
 CPU = torch.device("cpu")
@@ -229,7 +230,7 @@ def _sd21_like():
 
 
 def test_bounded_store_bounds_the_estimate_and_lets_large_images_tile():
-    from headsup_core import memory
+    from headsup_core import memory, planner
 
     model, lat, budget = _sd21_like(), (256, 256), 3 << 30  # 2048² output
     plan = TilePlan(encoder_tile=64, decoder_tile=64, unet_tile=128)
@@ -240,7 +241,7 @@ def test_bounded_store_bounds_the_estimate_and_lets_large_images_tile():
     big = memory.estimate(model, plan, (512, 512), CPU, budget)
     assert big["encoder"] <= budget and memory.estimate(model, plan, (512, 512), CPU)["encoder"] > 4 * budget
     # The planner tiles the VAE (the whole image does not fit) and the plan fits the budget.
-    chosen = memory.plan_for_budget(model, lat, budget, CPU)
+    chosen = planner.plan_for_budget(model, lat, budget, CPU)
     assert chosen.encoder_tile < 256 and chosen.decoder_tile < 256
     assert memory.estimate(model, chosen, lat, CPU, budget)["activations"] <= budget
     # The budget the pipeline hands run_exact: what is left after the image buffers and the tile.
