@@ -95,7 +95,8 @@ def cmd_upscale(args) -> int:
     from .imageio import load_image
     from .model_paths import find_weights, model_root, resolve_base
     from .options import UpscaleOptions
-    from .pipeline import HeadsUpPipeline, check_scale
+    from .options import check_scale
+    from .pipeline import HeadsUpPipeline
     from .spill import remove_stale_spill_dirs
     from .tags.cli import tagger_from_args
 

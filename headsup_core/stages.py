@@ -10,9 +10,9 @@ from typing import Any, Callable
 
 import torch
 
+from . import tiled_vae
 from .errors import InterruptedByUser
 from .planner import Plan
-from .tiled_vae import decoder_forward, encoder_forward, run_exact
 from .tiling import run_tiled
 
 # Longer side, in latent units, of the whole-image previews that give tiled VAE stages shared GroupNorm statistics.
@@ -66,10 +66,10 @@ def encode(model, x: torch.Tensor, plan: Plan, tick: Callable[[], None], generat
     if plan.tiles.exact("encoder") and len(grid) > 1:
         def fwd(vae, t, park):
             t = t.to(model.compute_dtype("encoder"))
-            return encoder_forward(vae, t * 2 - 1 if to_unit else t, park)
+            return tiled_vae.encoder_forward(vae, t * 2 - 1 if to_unit else t, park)
 
         def run():
-            return run_exact(fwd, model.vae, x, grid=grid, in_factor=s, out_factor=1, compute_device=dev,
+            return tiled_vae.run_exact(fwd, model.vae, x, grid=grid, in_factor=s, out_factor=1, compute_device=dev,
                              out_device=dev, progress=tick, ram_budget=plan.parking_budget["encoder"])
         return model.latent_from_moments(model.fp32_retry("encoder", run, "it")(), generator)
     enc = model.fp32_retry("encoder", lambda t: model.encode(t * 2 - 1 if to_unit else t, generator))
@@ -93,10 +93,10 @@ def decode(model, x0: torch.Tensor, plan: Plan, tick: Callable[[], None]) -> tor
     grid = plan.tiles.grid("decoder", tuple(x0.shape[-2:]))
     if plan.tiles.exact("decoder") and len(grid) > 1:
         def fwd(vae, t, park):
-            return decoder_forward(vae, t.to(model.compute_dtype("decoder")) / model.scaling_factor, park)
+            return tiled_vae.decoder_forward(vae, t.to(model.compute_dtype("decoder")) / model.scaling_factor, park)
 
         def run():
-            return run_exact(fwd, model.vae, x0, grid=grid, in_factor=1, out_factor=s, compute_device=dev,
+            return tiled_vae.run_exact(fwd, model.vae, x0, grid=grid, in_factor=1, out_factor=s, compute_device=dev,
                              out_device=CPU, progress=tick, ram_budget=plan.parking_budget["decoder"])
         return model.fp32_retry("decoder", run, "it")().clamp_(-1, 1)
     dec = model.fp32_retry("decoder", model.decode)

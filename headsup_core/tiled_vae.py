@@ -26,8 +26,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import spill
 from .memory import STORE_CH
-from .spill import SpillStore
 from .tiling import Tile, exact_grid
 
 QUERY_CHUNK = 4096
@@ -247,7 +247,8 @@ def run_exact(forward: Callable, vae, x: torch.Tensor, *, in_factor: int, out_fa
     stage = getattr(vae, "encoder" if out_factor == 1 else "decoder", vae)
     expected_steps = max(1, sum(isinstance(m, torch.nn.GroupNorm) or type(m).__name__ == "Attention"
                                 for m in stage.modules()))
-    store = SpillStore(ram_budget, storage, expected_bytes=_parked_hint(vae, stage, tiles, max(in_factor, out_factor)))
+    hint = _parked_hint(vae, stage, tiles, max(in_factor, out_factor))
+    store = spill.SpillStore(ram_budget, storage, expected_bytes=hint)
     gens: list = [None] * n
     hands: list = [None] * n
     slots: list = [None] * n

@@ -56,7 +56,7 @@ def test_exact_tiling_is_closer_to_untiled_than_fast(tiny_models, t1_jpg):
     diffs = {}
     for mode in ("exact", "fast"):
         plan = TilePlan(encoder_tile=16, decoder_tile=16, unet_tile=512, vae_mode=mode)
-        assert plan.vae_tile_count(48, 48, "decoder") == (9 if mode == "exact" else plan.vae_tile_count(48, 48, "decoder"))
+        assert plan.tile_count("decoder", (48, 48)) == (9 if mode == "exact" else plan.tile_count("decoder", (48, 48)))
         out = pipe.upscale(photo, 4, color_fix="none", tile_size=plan).astype(np.float64)
         diffs[mode] = np.abs(out - ref).max()
     assert diffs["exact"] < diffs["fast"], diffs
@@ -89,7 +89,7 @@ def test_exact_tiles_report_progress_while_they_run(tiny_pipe):
     finally:
         hook.remove()
     plan = info["tile_plan"]
-    n_dec = plan.vae_tile_count(48, 48, "decoder")
+    n_dec = plan.tile_count("decoder", (48, 48))
     assert n_dec > 1
     done, total = seen[-1][0], seen[-1][1]
     assert done == total == len(seen)  # every tile ticked exactly once
