@@ -23,7 +23,7 @@ def output_size(h: int, w: int, scale: float) -> tuple[int, int]:
 
 def latent_size(out_hw: tuple[int, int], multiple: int, vae_scale: int) -> tuple[int, int]:
     """Latent size of an output padded to ``multiple`` pixels."""
-    return (math.ceil(out_hw[0] / multiple) * multiple // vae_scale, math.ceil(out_hw[1] / multiple) * multiple // vae_scale)
+    return tuple(math.ceil(side / multiple) * multiple // vae_scale for side in out_hw)
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:

@@ -66,7 +66,8 @@ def _window(y0, y1, x0, x1, h, w, context) -> Tile:
 
 def exact_grid(h: int, w: int, tile: int, context: int) -> list[Tile]:
     """Cores partitioning h x w into nearly equal parts of at most ``tile``, each read with ``context`` around."""
-    return [_window(cy[0], cy[1], cx[0], cx[1], h, w, context) for cy in partition(h, tile) for cx in partition(w, tile)]
+    return [_window(cy[0], cy[1], cx[0], cx[1], h, w, context)
+            for cy in partition(h, tile) for cx in partition(w, tile)]
 
 
 def blend_grid(h: int, w: int, tile: int, overlap: int, context: int = 0) -> list[Tile]:

@@ -6,7 +6,8 @@ manager, progress bar and interrupts around it.
 """
 import torch
 from comfy_api.latest import io
-from headsup_core.options import MAX_SCALE
+from headsup_core.blend import blend_upscale
+from headsup_core.options import MAX_SCALE, UpscaleOptions
 
 from .loaders import FACE_ANALYSIS, HEADSUP_MODEL
 from .upscale import COLOR_FIXES, memory_required
@@ -50,14 +51,11 @@ class HeadsUpBlendUpscale(io.ComfyNode):
                 feather) -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
-        from headsup_core.blend import blend_upscale
 
         patchers = [h.patcher for h in (general_model, face_model) if h.patcher is not None]
         if len(patchers) == 2 and patchers[0] is patchers[1]:
             patchers.pop()
         if patchers:  # the ComfyUI-native backend (patcher None) loads the graph's models itself, per stage
-            from headsup_core.options import UpscaleOptions
-
             # the general model's plan for the whole image: the larger of the two runs (face crops are 512²)
             plan = general_model.pipe.plan(image, UpscaleOptions(scale=scale, tile_size=tile_size or None,
                                                                  color_fix=color_fix))

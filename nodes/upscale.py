@@ -4,8 +4,10 @@ import logging
 import torch
 from comfy_api.latest import io
 from headsup_core.color import COLOR_FIX_MODES
-from headsup_core.options import MAX_SCALE
-from headsup_core.runner import Host
+from headsup_core.errors import InterruptedByUser
+from headsup_core.faces.condition import format_assignments
+from headsup_core.options import MAX_SCALE, UpscaleOptions
+from headsup_core.runner import Host, upscale_with_retry
 
 from .loaders import FACE_ANALYSIS, HEADSUP_MODEL
 from .reference import HEADSUP_REFERENCE
@@ -123,9 +125,6 @@ class HeadsUpUpscale(io.ComfyNode):
                 conditioning=None, strength=1.0, match_threshold=0.3, tags=None) -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
-        from headsup_core.errors import InterruptedByUser
-        from headsup_core.options import UpscaleOptions
-        from headsup_core.runner import upscale_with_retry
 
         pipe = model.pipe
         references = list(reference.references) if reference is not None else None
@@ -162,8 +161,6 @@ class HeadsUpUpscale(io.ComfyNode):
             lines.append("face mask not computed: the weights' mask input channel of conv_in is zero")
             log.info("HeadsUp: %s", lines[-1])
         elif analyzer is not None:
-            from headsup_core.faces import format_assignments
-
             for i, faces in enumerate(info.get("assignments") or []):
                 lines.append(f"image {i}:\n{format_assignments(faces)}")
                 log.info("HeadsUp %s", lines[-1])
