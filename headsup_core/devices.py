@@ -43,13 +43,6 @@ def peak_memory_bytes(device: torch.device) -> int:
         return 0
 
 
-def total_memory_bytes(device: torch.device) -> int:
-    """Total memory of a GPU (0 when unknown, e.g. on CPU)."""
-    if device.type == "cuda" and torch.cuda.is_available():
-        return int(torch.cuda.get_device_properties(device).total_memory)
-    return 0
-
-
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

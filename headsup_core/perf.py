@@ -3,17 +3,11 @@
 CPU, when the dtype is left on auto:
 * channels_last for the UNet and the VAE (fp32 channels_last is 80 dB from contiguous fp32: rounding only; the
   UNet runs about 2x faster, the VAE stages 5-15%);
-* bf16 for the VAE (encoder and decoder), and only on CPUs with native bf16 (AVX512-BF16 or AMX, read from
-  the CPU flags, never assumed): the stages whose bf16 output stays >= 40 dB PSNR from fp32. Measured on the
-  SD2.1-size architecture (random weights), against the fp32 untiled output: decoder bf16 44.7 dB (512²);
-  encoder and decoder bf16 41.5 dB (512²) and 40.8 dB (1024²); UNet bf16 28 dB (the one-step update multiplies
-  eps errors ~14.6x), so the UNet stays fp32. The margin is thin and trained weights were not available to
-  check it: ``HEADSUP_CPU_BF16=decoder`` keeps the encoder in fp32 (about 2x slower encode);
-* the UNet and the x0 update stay fp32 (``HeadsUpModel.predict_x0`` computes x0 in fp32 anyway);
+* the stages precision.py puts in bf16 (the VAE on CPUs with native bf16; ``HEADSUP_CPU_BF16`` overrides), the
+  UNet and the x0 update in fp32; the measurements behind that choice are in precision.py;
 * the VAE decoder's nearest-x2 + 3x3 conv upsamplers run polyphase (``headsup_core/upsample.py``: exact, 4/9 of
   the MACs; bench/upsample.py, ~2x per upsampler at the decoder's shapes). Not the UNet's: at its shapes (1280
   channels, 8-32 px) it measured no faster and its derived kernels would hold ~240 MB more. Any dtype.
-``HEADSUP_CPU_BF16`` overrides the bf16 stages: a comma list of ``encoder``, ``decoder``, ``unet``, or ``none``.
 Which stages run in bf16 is decided in precision.py (the one precision home); this module applies it.
 """
 from __future__ import annotations

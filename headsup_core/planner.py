@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 
 from . import memory
-from .devices import total_memory_bytes
 from .geometry import latent_size, output_size
 from .options import UpscaleOptions
 from .tiling import PLANNER_OVERLAP_CAP, STAGES, Tile, TilePlan
@@ -25,22 +24,6 @@ CANDIDATE_TILES = (256, 192, 160, 128, 112, 96, 80, 64, 48, 32, 16)
 # The UNet's self-attention is quadratic in the tile's tokens and SD2.1-base was trained on 64-latent crops
 # (OSEDiff tiles at 96): its tile stays at most this many latents (1024 px) even when memory allows more.
 UNET_MAX_TILE = 128
-
-
-def device_default_tiles(device: torch.device | str) -> TilePlan:
-    """Fixed tiles for a device, for callers without an output size to plan for."""
-    device = torch.device(device)
-    if device.type == "cpu":
-        # The VAE dominates on CPU and every overlap is recomputed: fewer, larger VAE tiles (see
-        # docs/benchmark.md); the UNet keeps OSEDiff's 96/32.
-        return TilePlan(encoder_tile=128, encoder_overlap=8, unet_tile=96, unet_overlap=32, decoder_tile=96,
-                        decoder_overlap=8)
-    gib = total_memory_bytes(device) / 2**30
-    if gib >= 20:  # a 2K output (256 latents) runs its VAE stages untiled
-        return TilePlan(encoder_tile=256, decoder_tile=256)
-    if gib >= 10:
-        return TilePlan(encoder_tile=192, decoder_tile=160)
-    return TilePlan()
 
 
 def plan_for_budget(model, latent_hw: tuple[int, int], budget: int, device: torch.device,

@@ -8,8 +8,9 @@ stage is retried in fp32. Every front end asks here (CLI/library ``pick_dtype``,
 * **Compute, CPU:** fp32, except the VAE (encoder and decoder) in bf16 on CPUs with native bf16 (AVX512-BF16 or
   AMX, read from the CPU flags, never assumed): the stages whose bf16 output stays >= 40 dB PSNR from fp32
   (SD2.1-size architecture, random weights: decoder 44.7 dB at 512²; encoder and decoder 41.5 dB at 512², 40.8 dB
-  at 1024²; UNet bf16 only 28 dB, so it stays fp32). ``HEADSUP_CPU_BF16`` overrides the bf16 stages: a comma
-  list of ``encoder``, ``decoder``, ``unet``, or ``none``.
+  at 1024²; UNet bf16 only 28 dB: the one-step update multiplies eps errors ~14.6x, so it stays fp32). The
+  margin is thin and was not checked on trained weights. ``HEADSUP_CPU_BF16`` overrides the bf16 stages: a
+  comma list of ``encoder``, ``decoder``, ``unet``, or ``none`` (``decoder``: encoder in fp32, ~2x slower).
 * **Storage:** the compute dtype, unless memory is short: on a CPU, when the fp32 weights would take more than
   ``STORAGE_SHARE`` of the memory budget, the UNet keeps its weights in fp16 and each layer is cast up for its
   own forward. ``weight_dtype`` chooses it outright. The VAE always stores what it computes in.
