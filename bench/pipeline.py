@@ -161,11 +161,11 @@ def worker(job: dict) -> dict:
     import numpy as np
     import torch
 
-    from headsup_core import devices
+    from headsup_core import devices, precision
 
     dev = devices.pick_device(job["device"])
     ours = job["path"] == "ours"
-    dtype = devices.pick_dtype(job["dtype"], dev) if ours else torch.float32  # full and ref: fp32
+    dtype = precision.pick_dtype(job["dtype"], dev) if ours else torch.float32  # full and ref: fp32
     w, h = job["size"]
     res = {k: job[k] for k in ("model", "path", "size")}
     res.update(device=str(dev), dtype=str(dtype).replace("torch.", ""), threads=torch.get_num_threads(),
@@ -194,14 +194,12 @@ def worker(job: dict) -> dict:
 
     if dev.type == "cpu":
         # A large VAE pass can take the whole machine down (no OOM exception on Linux CPU): skip a path whose
-        # estimate does not fit (ours and full: memory.estimate of the plan; ref: its untiled VAE).
-        from headsup_core import memory
-
+        # estimate does not fit (ours and full: the plan's memory.estimate; ref: its untiled VAE).
         if job["path"] == "ref":
             width = model.vae.config.block_out_channels[0]  # channels at full resolution (128 for SD)
             est = UNTILED_VAE_ACTIVATIONS * width * h * w * torch.finfo(dtype).bits // 8
         else:
-            est = memory.estimate_request(pipe, (h // SCALE, w // SCALE), pipe_options(job, untiled_plan()))
+            est = pipe.plan((h // SCALE, w // SCALE), pipe_options(job, untiled_plan())).estimate
             est = est["activations"]  # under the run's own budget: the exact VAE spills beyond it
         avail = available_bytes()
         limit = job["mem_limit_gb"] * 1e9 if job["mem_limit_gb"] else (avail or 0) - 2e9

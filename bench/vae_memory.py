@@ -35,7 +35,7 @@ def run_one(stage: str, side: int, tile: int, budget_mb: float | None, formats: 
     from diffusers import AutoencoderKL
 
     from headsup_core import memory, spill
-    from headsup_core.perf import cpu_bf16_stages
+    from headsup_core.precision import cpu_bf16_stages
     from headsup_core.tiled_vae import decoder_forward, encoder_forward, run_exact
     from headsup_core.tiling import TilePlan
 

@@ -19,13 +19,12 @@ import numpy as np
 import torch
 
 from .errors import InputImageError
-from .faces.align import CROP_SIZE
+from .faces.align import CROP_SIZE, apply, cv2_module, estimate_similarity, roi_of, template, warp_into_roi
+from .imageio import from_batch, tensor_to_uint8, to_batch
 
 
 def _feather_mask(size: int, margin: float, feather: float) -> np.ndarray:
     """Crop-space paste mask: ones inside the square shrunk by ``margin`` px, edges blurred by ``feather`` px."""
-    from .faces.align import cv2_module
-
     cv2 = cv2_module()
     m = np.zeros((size, size), np.float32)
     k = int(round(margin))
@@ -43,8 +42,6 @@ def face_crop_transform(kps_lq: np.ndarray, scale: float, crop_size: int = CROP_
     Returns ``(m_out, lq_crop)``: ``m_out`` maps output-image pixels to the aligned ``crop_size``² crop, and the
     LQ crop is ``lq_crop``² pixels (``crop_size / scale``, rounded).
     """
-    from .faces.align import estimate_similarity, template
-
     # pixel-centre convention: a point p in the LQ is at (p + 0.5) * s - 0.5 in the output
     kps_out = (np.asarray(kps_lq, np.float64) + 0.5) * scale - 0.5
     m_out = estimate_similarity(kps_out, template(crop_size))
@@ -67,8 +64,6 @@ def paste_face(base: np.ndarray, face: np.ndarray, m_out: np.ndarray, mask_crop:
     Only the face's bounding window is warped (no full-size copies per face). ``acc_mask`` (HxW float32), if
     given, receives the max of the pasted masks.
     """
-    from .faces.align import apply, cv2_module, roi_of, warp_into_roi
-
     cv2 = cv2_module()
     size = face.shape[0]
     inv = cv2.invertAffineTransform(m_out)
@@ -98,9 +93,6 @@ def blend_upscale(image: Any, general, face_model, scale: float = 4.0, face_anal
     batch image, or one list for a single image) skips detection; otherwise ``face_analyzer.detect`` finds them.
     Faces whose eye distance in the LQ is under ``min_face`` px are left to the general model.
     """
-    from .faces.align import cv2_module
-    from .imageio import from_batch, tensor_to_uint8, to_batch
-
     cv2 = cv2_module()
     if face_analyzer is None and faces is None:
         raise InputImageError("The blend baseline needs a face analyzer (or given faces) to find the faces.")

@@ -42,7 +42,7 @@ def _upscale_one(job, pipe, options, references, analyzer, args, stop) -> None:
 
     from .files.read import read_photo
     from .files.write import save_photo
-    from .memory import upscale_with_retry
+    from .runner import upscale_with_retry
 
     photo = read_photo(job.src, args.max_pixels)
     bar = tqdm(total=1, desc=job.src.name, unit="tile", leave=False, disable=args.quiet, position=1)
@@ -79,7 +79,8 @@ def cmd_upscale(args) -> int:
     from .files.read import load_image
     from .model_paths import find_weights, model_root, resolve_base
     from .options import UpscaleOptions
-    from .pipeline import HeadsUpPipeline, check_scale
+    from .options import check_scale
+    from .pipeline import HeadsUpPipeline
     from .spill import remove_stale_spill_dirs
     from .tags.cli import tagger_from_args
 

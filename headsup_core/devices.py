@@ -1,7 +1,6 @@
-"""Device and dtype choice, and memory figures, without hard-coded ``torch.cuda`` calls elsewhere."""
+"""Device choice and memory figures, without hard-coded ``torch.cuda`` calls elsewhere (dtypes: precision.py)."""
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
@@ -9,9 +8,6 @@ import torch
 from .errors import HeadsUpError
 
 log = logging.getLogger("headsup")
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32")  # what front ends (ComfyUI widget, CLI) offer
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -28,24 +24,6 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise HeadsUpError(f"Device {device!r} was asked for but MPS is not available; use --device cpu.")
     return dev
-
-
-def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``None``/"auto": fp32 on CPU, fp16 on GPUs.
-
-    Not bf16: the one-step update multiplies the error in the UNet's eps by sqrt(1-a)/sqrt(a) = 14.6 at t=999, and
-    bf16's 8-bit mantissa costs far more than fp16's 11 bits (docs/benchmark.md, "Precision"); OSEDiff runs in
-    fp16. NaN/Inf in a half-precision stage is retried in fp32 by the pipeline.
-    """
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None or dtype == "auto":
-        if device.type == "cpu":
-            return torch.float32
-        return torch.float16
-    if dtype not in DTYPES:
-        raise HeadsUpError(f"Unknown dtype {dtype!r}; use auto, fp32, fp16 or bf16.")
-    return DTYPES[dtype]
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -65,13 +43,6 @@ def peak_memory_bytes(device: torch.device) -> int:
         return 0
 
 
-def total_memory_bytes(device: torch.device) -> int:
-    """Total memory of a GPU (0 when unknown, e.g. on CPU)."""
-    if device.type == "cuda" and torch.cuda.is_available():
-        return int(torch.cuda.get_device_properties(device).total_memory)
-    return 0
-
-
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -84,25 +55,15 @@ def empty_cache(device: torch.device) -> None:
         torch.mps.empty_cache()
 
 
-@contextlib.contextmanager
-def upcast(module: torch.nn.Module):
-    """Temporarily run ``module`` in fp32 (the NaN/Inf retry for half-precision stages). Every parameter gets its
-    own dtype back afterwards (stages may mix dtypes: 16-bit stored weights next to fp32 norms)."""
-    params = list(module.parameters())
-    if all(p.dtype == torch.float32 for p in params):
-        yield
-        return
-    dtypes = [p.dtype for p in params]
-    module.float()
-    try:
-        yield
-    finally:
-        for p, dt in zip(params, dtypes):
-            if p.dtype != dt:
-                p.data = p.data.to(dt)
+def oom_error_types() -> tuple[type[BaseException], ...]:
+    """torch's out-of-memory error types: ``torch.OutOfMemoryError`` (torch >= 2.5), else
+    ``torch.cuda.OutOfMemoryError`` (older torch; never RuntimeError itself, whose every failure would then be
+    retried as out of memory)."""
+    found = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    return (found,) if found is not None else ()
 
 
-OOM_ERRORS: tuple[type[BaseException], ...] = (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else (RuntimeError,)
+OOM_ERRORS: tuple[type[BaseException], ...] = oom_error_types()
 
 
 def version_counter(t: torch.Tensor) -> int:

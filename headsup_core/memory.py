@@ -3,22 +3,22 @@
 * **Budget.** A fraction of the free RAM (CPU: ``MemAvailable``, capped by a cgroup limit) or VRAM (GPU:
   ``torch.cuda.mem_get_info`` plus what our allocator caches). The fraction is ``UpscaleOptions.memory_fraction``,
   else env ``HEADSUP_MEMORY_FRACTION``, else ``DEFAULT_FRACTION``; ``memory_budget_mb`` sets it outright.
-* **Plan.** Per stage the largest tile whose estimated working set fits the budget; the whole image (untiled,
-  no overlap or context recomputed) when it fits. The same logic on every device.
-* **Estimate.** Activation bytes per stage from the plan and the model's widths and dtypes, plus the weights.
-  The constants are rough working-set sizes in "full-resolution channels"; the OOM retry covers misses.
-* **Retry.** ``upscale_with_retry`` halves every tile (``TilePlan.halved``) on out-of-memory, with a log line.
+* **Estimate.** Activation bytes per stage from the plan's tile grid (``TilePlan.grid``) and the model's widths
+  and dtypes, plus the weights. The constants are rough working-set sizes in "full-resolution channels"; the
+  OOM retry covers misses.
+* **Out of memory.** ``is_oom`` says which errors are one (the retry itself is runner.py's).
+
+The plan that uses these (per stage the largest tile that fits the budget) is planner.py's.
 """
 from __future__ import annotations
 
 import logging
-import math
 import os
-from typing import Callable
 
 import torch
 
-from .tiling import TilePlan, fit_tile, tile_starts
+from .devices import OOM_ERRORS
+from .tiling import STAGES, TilePlan
 
 log = logging.getLogger("headsup")
 ENV_FRACTION = "HEADSUP_MEMORY_FRACTION"
@@ -35,11 +35,6 @@ DEFAULT_FRACTION = {"cpu": 0.5, "cuda": 0.8, "mps": 0.5}
 # fp16-stored weights, 1024² output): ~70 x 320 channels x 4 bytes per latent (the feed-forward's 4x-wide GEGLU
 # and the attention's projections dominate); the earlier 20 under-counted it ~3.5x.
 ENCODER_CH, DECODER_CH, UNET_CH, STORE_CH = 6, 11, 70, 3
-CANDIDATE_TILES = (256, 192, 160, 128, 112, 96, 80, 64, 48, 32, 16)
-# The UNet's self-attention is quadratic in the tile's tokens and SD2.1-base was trained on 64-latent crops
-# (OSEDiff tiles at 96): its tile stays at most this many latents (1024 px) even when memory allows more.
-UNET_MAX_TILE = 128
-STAGES = ("encoder", "unet", "decoder")
 
 
 # ----------------------------------------------------------------------------------------------- budget
@@ -130,27 +125,7 @@ def weights_bytes(model) -> int:
 # ----------------------------------------------------------------------------------------------- tiles
 def stage_reads(plan: TilePlan, latent_hw: tuple[int, int], stage: str) -> list[tuple[int, int]]:
     """(height, width) in latents of every tile the stage computes, context included."""
-    h, w = latent_hw
-    if stage != "unet" and plan.vae_mode == "exact":
-        from .tiled_vae import partition
-
-        tile = plan.encoder_tile if stage == "encoder" else plan.decoder_tile
-        ctx = plan.encoder_context if stage == "encoder" else plan.decoder_context
-        py, px = partition(h, tile), partition(w, tile)
-        if len(py) * len(px) == 1:
-            return [(h, w)]
-
-        def span(core, n):
-            return min(n, core[1] + ctx) - max(0, core[0] - ctx)
-        return [(span(cy, h), span(cx, w)) for cy in py for cx in px]
-    tile, overlap, ctx = {"encoder": (plan.encoder_tile, plan.encoder_overlap, plan.encoder_overlap),
-                          "unet": (plan.unet_tile, plan.unet_overlap, 0),
-                          "decoder": (plan.decoder_tile, plan.decoder_overlap, plan.decoder_overlap // 2)}[stage]
-    th, tw = fit_tile(h, tile, overlap), fit_tile(w, tile, overlap)
-    ys, xs = tile_starts(h, th, overlap), tile_starts(w, tw, overlap)
-    if len(ys) * len(xs) == 1:
-        return [(h, w)]
-    return [(min(h, y + th + ctx) - max(0, y - ctx), min(w, x + tw + ctx) - max(0, x - ctx)) for y in ys for x in xs]
+    return [t.read_hw for t in plan.grid(stage, latent_hw)]
 
 
 def stage_overhead(plan: TilePlan, latent_hw: tuple[int, int], stage: str) -> tuple[int, float]:
@@ -228,109 +203,10 @@ def estimate(model, plan: TilePlan, latent_hw: tuple[int, int], device: torch.de
     return out
 
 
-def estimate_request(pipe, image, options=None) -> dict:
-    """``estimate`` for the plan ``pipe.upscale(image, options=options)`` would run (e.g. ComfyUI's
-    ``memory_required``: its ``activations``)."""
-    from .imageio import to_batch
-    from .options import UpscaleOptions
-    from .pipeline import output_size
-
-    opts = options or UpscaleOptions()
-    h, w = image if isinstance(image, tuple) else to_batch(image).size
-    out_hw = output_size(h, w, opts.scale)
-    budget = budget_bytes(pipe.device, opts.memory_fraction, opts.memory_budget_mb)
-    return estimate(pipe.model, pipe.plan_for((h, w), opts), pipe.latent_size(out_hw), pipe.device, budget)
-
-
-def plan_for_budget(model, latent_hw: tuple[int, int], budget: int, device: torch.device,
-                    vae_mode: str = "exact") -> TilePlan:
-    """The largest tile per stage whose working set fits ``budget`` bytes (the whole image when it fits); when
-    none fits, the tile with the smallest estimate. The exact VAE's parked activations count only up to what the
-    budget leaves after the tile (the rest spills to disk, see spill.py), so on a CPU an image too large to run
-    untiled is tiled rather than run whole."""
-    full = max(latent_hw)
-    room = budget - image_bytes(model, latent_hw)
-    tiles, fits = {}, True
-    base = TilePlan(vae_mode=vae_mode)
-    for stage in STAGES:
-        best = None
-        top = min(full, UNET_MAX_TILE) if stage == "unet" else full
-        for t in [top] + [c for c in CANDIDATE_TILES if c < top]:
-            need = stage_bytes(model, _with_tile(base, stage, t), latent_hw, stage, device, budget)
-            if best is None or need < best[0]:
-                best = (need, t)
-            if need <= room:
-                break
-        else:
-            fits, t = False, best[1]
-        tiles[stage] = t
-    plan = base
-    for stage, t in tiles.items():
-        plan = _with_tile(plan, stage, t)
-    if not fits:
-        log.warning("HeadsUp: the memory budget (%.0f MB) is below every tile size's estimate; running with "
-                    "the tiles that need least (set memory_fraction / %s higher, or free memory).", budget / 2**20,
-                    ENV_FRACTION)
-    return plan
-
-
-def _with_tile(plan: TilePlan, stage: str, t: int) -> TilePlan:
-    import dataclasses
-
-    if stage == "encoder":
-        return dataclasses.replace(plan, encoder_tile=t, encoder_overlap=max(2, min(8, t // 8)))
-    if stage == "decoder":
-        return dataclasses.replace(plan, decoder_tile=t, decoder_overlap=max(2, min(8, t // 8)))
-    return dataclasses.replace(plan, unet_tile=t, unet_overlap=max(2, min(32, t // 3 // 8 * 8 or t // 3)))
-
-
-# ----------------------------------------------------------------------------------------------- OOM retry
+# ----------------------------------------------------------------------------------------------- out of memory
 def is_oom(exc: BaseException) -> bool:
     """Out of memory on any device: torch's OOM error, MemoryError, or the CPU allocator's message."""
-    from .devices import OOM_ERRORS
-
     if isinstance(exc, OOM_ERRORS + (MemoryError,)):
         return True
     text = str(exc).lower()
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-def upscale_with_retry(pipe, image, *, options=None, is_oom: Callable[[BaseException], bool] = is_oom,
-                       before_try: Callable | None = None, after_oom: Callable[[], None] | None = None, **kwargs):
-    """``pipe.upscale(image, options=..., **kwargs)``; on out-of-memory, halve every tile and retry (logged),
-    until the tiles are at their minimum. ``before_try(options)`` runs before each attempt (e.g. ComfyUI's
-    ``load_models_gpu`` with the estimate), ``after_oom()`` after a failed one (default: empty the cache)."""
-    from .devices import empty_cache
-    from .errors import HeadsUpError
-    from .options import OPTION_NAMES, UpscaleOptions
-
-    opts = UpscaleOptions.merge(options, **{k: kwargs.pop(k) for k in list(kwargs) if k in OPTION_NAMES})
-    plan = None
-    while True:
-        if before_try is not None:
-            before_try(opts)
-        try:
-            return pipe.upscale(image, options=opts, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
-            if not is_oom(exc):
-                raise
-            reason = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
-        # Outside the except block, so the failed attempt's tensors are released before the cache is emptied.
-        if after_oom is not None:
-            after_oom()
-        else:
-            empty_cache(pipe.device)
-        if plan is None:
-            plan = pipe.plan_for(image, opts)
-        smaller = plan.halved()
-        if smaller is None:
-            raise HeadsUpError(f"HeadsUp ran out of memory even with the smallest tiles ({plan.describe()}): free "
-                               "memory (close other models) or use a smaller image.")
-        log.warning("HeadsUp: out of memory (%s) with tiles %s; retrying with %s.", reason, plan.describe(),
-                    smaller.describe())
-        plan, opts = smaller, opts.with_tiles(smaller)
-
-
-def latent_size(out_hw: tuple[int, int], multiple: int, vae_scale: int) -> tuple[int, int]:
-    """Latent size of an output padded to ``multiple`` pixels."""
-    return (math.ceil(out_hw[0] / multiple) * multiple // vae_scale, math.ceil(out_hw[1] / multiple) * multiple // vae_scale)

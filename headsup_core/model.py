@@ -11,6 +11,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .precision import retry_in_fp32
+from .tiled_vae import supports_exact
+
 LQ_CHANNELS = 4
 COND_CHANNELS = 9  # LQ latent (4) ⊕ reference latent (4) ⊕ face mask (1)
 
@@ -66,7 +69,10 @@ def mask_to_latent(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tens
 
 
 class HeadsUpModel(torch.nn.Module):
-    """VAE + UNet with merged LoRA, and the one-step update of OSEDiff (DESIGN §1 steps 2-5)."""
+    """VAE + UNet with merged LoRA, and the one-step update of OSEDiff (DESIGN §1 steps 2-5). A ``Backend``
+    (backend.py)."""
+
+    retry_in_fp32 = True  # a 16-bit stage with NaN/Inf output is recomputed in fp32 (precision.retry_in_fp32)
 
     def __init__(self, vae, unet, prediction_type: str = "epsilon", timestep: int = 999,
                  prompt_embeds: torch.Tensor | None = None, sample_latent: bool = False, metadata: dict | None = None):
@@ -95,6 +101,33 @@ class HeadsUpModel(torch.nn.Module):
         if hasattr(conv, "base_layer"):  # training: the LoRA on conv_in can wake zero channels at any step
             return {"reference": self.in_channels > LQ_CHANNELS, "mask": self.in_channels > LQ_CHANNELS}
         return conditioning_in_use(conv.weight)
+
+    @property
+    def pixel_multiple(self) -> int:
+        """Output pixels an input is padded to a multiple of: the VAE's factor times the UNet's downsamplings."""
+        return self.vae_scale * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def supports_exact_vae(self) -> bool:
+        return supports_exact(self.vae)
+
+    def stage_modules(self, stage: str) -> list[torch.nn.Module]:
+        """The modules of a stage (their dtype may differ per stage, see precision.py)."""
+        vae = self.vae
+        if stage == "unet":
+            return [self.unet]
+        if stage == "encoder":
+            return [m for m in (vae.encoder, vae.quant_conv) if m is not None]
+        return [m for m in (vae.decoder, vae.post_quant_conv) if m is not None]
+
+    def compute_dtype(self, stage: str) -> torch.dtype:
+        return {"unet": self.dtype, "encoder": self.encoder_dtype, "decoder": self.decoder_dtype}[stage]
+
+    def fp32_retry(self, stage: str, fn, what: str = "this tile"):
+        if not self.retry_in_fp32:
+            return fn
+        name = {"unet": "UNet"}.get(stage, stage)
+        return retry_in_fp32(fn, name, self.compute_dtype(stage), self.stage_modules(stage), what)
 
     @property
     def cross_attention_dim(self) -> int:

@@ -1,7 +1,8 @@
 """One upscale request: ``UpscaleOptions``, validated once and taken by ``HeadsUpPipeline.upscale``.
 
 Front ends (CLI, ComfyUI nodes, A1111 script, eval) build one of these, or pass the same names as keywords to
-``pipe.upscale``; the OOM retry (``memory.upscale_with_retry``) re-issues the request with smaller tiles.
+``pipe.upscale``, which applies them once (``UpscaleOptions.override``: a keyword that is passed wins, also when
+it names the default); planner.py turns the options into one plan per request.
 """
 from __future__ import annotations
 
@@ -15,6 +16,16 @@ from .errors import InputImageError
 from .tiling import TilePlan
 
 MAX_SCALE = 16.0
+
+
+class _Unset:
+    """The default of ``pipe.upscale``'s keywords: "not given", so only what a caller passes overrides."""
+
+    def __repr__(self) -> str:
+        return "<from options>"
+
+
+UNSET = _Unset()
 
 
 def check_scale(scale: float) -> float:
@@ -80,20 +91,25 @@ class UpscaleOptions:
             raise InputImageError(f"memory_budget_mb must be positive, got {self.memory_budget_mb}.")
 
     @classmethod
-    def merge(cls, options: "UpscaleOptions | None" = None, **fields) -> "UpscaleOptions":
-        """``options`` with the given fields applied; a field given at its default value does not override
-        (so ``pipe.upscale(img, options=o)`` keeps ``o.scale`` although ``upscale``'s own default is 4)."""
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(fields) - set(names))
+    def override(cls, options: "UpscaleOptions | None" = None, **given) -> "UpscaleOptions":
+        """``options`` (default: all defaults) with every given field replaced (``UNSET`` ones skipped), in one
+        ``dataclasses.replace``; a field given at its default value is set back to it."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(given) - names)
         if unknown:
             raise TypeError(f"unknown upscale option(s): {', '.join(unknown)}")
+        given = {k: v for k, v in given.items() if v is not UNSET}
         if options is None:
-            return cls(**fields)
-        changed = {k: v for k, v in fields.items() if not _same(v, names[k].default)}
-        return dataclasses.replace(options, **changed) if changed else options
+            return cls(**given)
+        return dataclasses.replace(options, **given) if given else options
 
-    def with_tiles(self, plan: TilePlan) -> "UpscaleOptions":
-        return dataclasses.replace(self, tile_size=plan)
+    @classmethod
+    def merge(cls, options: "UpscaleOptions | None" = None, **fields) -> "UpscaleOptions":
+        """``options`` with the given fields applied, where a field given at its default value does not override
+        (for callers that pass every keyword with its default; ``override`` is the exact form)."""
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        return cls.override(options, **{k: v for k, v in fields.items()
+                                         if options is None or k not in names or not _same(v, names[k].default)})
 
 
 def _same(value, default) -> bool:

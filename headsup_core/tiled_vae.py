@@ -21,11 +21,14 @@ generators hand their activations over and keep no reference to them).
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from . import spill
+from .memory import STORE_CH
+from .tiling import Tile, exact_grid
 
 QUERY_CHUNK = 4096
 
@@ -108,26 +111,7 @@ def decoder_forward(vae, z, park):
 
 
 # ------------------------------------------------------------------------------------------ tiles
-def partition(length: int, tile: int) -> list[tuple[int, int]]:
-    """Split ``length`` latent units into nearly equal cores of at most ``tile``."""
-    n = max(1, math.ceil(length / max(1, tile)))
-    bounds = [round(i * length / n) for i in range(n + 1)]
-    return [(bounds[i], bounds[i + 1]) for i in range(n)]
-
-
-class _Tile:
-    def __init__(self, cy, cx, h, w, context):
-        self.core = (cy[0], cy[1], cx[0], cx[1])
-        self.read = (max(0, cy[0] - context), min(h, cy[1] + context), max(0, cx[0] - context), min(w, cx[1] + context))
-
-    def core_in(self, act: torch.Tensor) -> tuple[slice, slice]:
-        """The core's slice of this tile's activation (any resolution: its scale is read off the shape)."""
-        f = act.shape[-2] / (self.read[1] - self.read[0])
-        y0, y1, x0, x1 = (round((c - r) * f) for c, r in zip(self.core, (self.read[0],) * 2 + (self.read[2],) * 2))
-        return slice(y0, y1), slice(x0, x1)
-
-
-def _core_stats(norm: torch.nn.GroupNorm, act: torch.Tensor, tile: _Tile, device):
+def _core_stats(norm: torch.nn.GroupNorm, act: torch.Tensor, tile: Tile, device):
     """(count, per-group mean, per-group variance) of the tile's core."""
     ys, xs = tile.core_in(act)
     core = act[..., ys, xs].to(device).float()
@@ -164,7 +148,7 @@ def _heads(attn, t):
     return t.view(b, n, attn.heads, inner // attn.heads).transpose(1, 2)
 
 
-def _add_core(full: torch.Tensor | None, act: torch.Tensor, tile: _Tile, shape_hw, device) -> torch.Tensor:
+def _add_core(full: torch.Tensor | None, act: torch.Tensor, tile: Tile, shape_hw, device) -> torch.Tensor:
     """Copy the tile's core into the whole-image tensor (allocated at the first tile) the keys/values come from."""
     f = act.shape[-2] / (tile.read[1] - tile.read[0])
     if full is None:
@@ -224,10 +208,8 @@ class _Step:
             self.full = _add_core(self.full, act, tile, shape_hw, device)
 
 
-def _parked_hint(vae, stage, tiles: list[_Tile], scale: int) -> int | None:
+def _parked_hint(vae, stage, tiles: list[Tile], scale: int) -> int | None:
     """About what the stage parks in all (memory.py's STORE_CH), for the disk-full message."""
-    from .memory import STORE_CH
-
     try:
         width = int(vae.config.block_out_channels[0])
         size = next(stage.parameters()).element_size()
@@ -238,13 +220,15 @@ def _parked_hint(vae, stage, tiles: list[_Tile], scale: int) -> int | None:
 
 
 @torch.no_grad()
-def run_exact(forward: Callable, vae, x: torch.Tensor, *, tile: int, context: int, in_factor: int, out_factor: int,
-              compute_device: torch.device, out_device: torch.device | None = None,
+def run_exact(forward: Callable, vae, x: torch.Tensor, *, in_factor: int, out_factor: int,
+              compute_device: torch.device, grid: list[Tile] | None = None, tile: int = 0, context: int = 0,
+              out_device: torch.device | None = None,
               progress: Callable[[], None] | None = None, global_attention: bool = True,
               ram_budget: int | None = None) -> torch.Tensor:
     """Run ``forward(vae, tile_input, park)`` (``encoder_forward`` / ``decoder_forward``) over ``x`` (1xCxHxW,
-    H and W multiples of ``in_factor``) in tiles of at most ``tile`` latent units, with pooled GroupNorm
-    statistics; returns the assembled output on ``out_device``.
+    H and W multiples of ``in_factor``) in the tiles of ``grid`` (a plan's ``TilePlan.grid``; else cores of at
+    most ``tile`` latent units read with ``context`` around), with pooled GroupNorm statistics; returns the
+    assembled output on ``out_device``.
 
     Between steps each tile's activation and residuals are parked in a ``SpillStore``: in RAM (CPU RAM when
     computing on a GPU) up to ``ram_budget`` bytes, beyond it in temporary files (``None``: all in RAM). Within
@@ -252,20 +236,19 @@ def run_exact(forward: Callable, vae, x: torch.Tensor, *, tile: int, context: in
     attend), run the tile to its next GroupNorm, gather its core's statistics and park the new activation. The
     result does not depend on the budget (parked tensors come back bit for bit). Every spill file is removed when
     the stage ends, also on an exception or interrupt."""
-    from .spill import SpillStore
-
     out_device = out_device or x.device
     compute_device = torch.device(compute_device)
     storage = torch.device("cpu") if compute_device.type != "cpu" else compute_device
     h, w = x.shape[-2] // in_factor, x.shape[-1] // in_factor
-    tiles = [_Tile(cy, cx, h, w, context) for cy in partition(h, tile) for cx in partition(w, tile)]
+    tiles = grid if grid is not None else exact_grid(h, w, tile, context)
     n = len(tiles)
     # The tiles finish together, so spread the per-tile progress ticks (also interrupt points) over the lockstep
     # steps: about one step per GroupNorm / attention of the stage; any ticks left are given at the end.
     stage = getattr(vae, "encoder" if out_factor == 1 else "decoder", vae)
     expected_steps = max(1, sum(isinstance(m, torch.nn.GroupNorm) or type(m).__name__ == "Attention"
                                 for m in stage.modules()))
-    store = SpillStore(ram_budget, storage, expected_bytes=_parked_hint(vae, stage, tiles, max(in_factor, out_factor)))
+    hint = _parked_hint(vae, stage, tiles, max(in_factor, out_factor))
+    store = spill.SpillStore(ram_budget, storage, expected_bytes=hint)
     gens: list = [None] * n
     hands: list = [None] * n
     slots: list = [None] * n

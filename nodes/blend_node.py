@@ -6,10 +6,11 @@ manager, progress bar and interrupts around it.
 """
 import torch
 from comfy_api.latest import io
-from headsup_core.options import MAX_SCALE
+from headsup_core.blend import blend_upscale
+from headsup_core.options import MAX_SCALE, UpscaleOptions
 
 from .loaders import FACE_ANALYSIS, HEADSUP_MODEL
-from .upscale import COLOR_FIXES, memory_estimate
+from .upscale import COLOR_FIXES, memory_required
 
 
 class HeadsUpBlendUpscale(io.ComfyNode):
@@ -50,14 +51,15 @@ class HeadsUpBlendUpscale(io.ComfyNode):
                 feather) -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
-        from headsup_core.blend import blend_upscale
 
         patchers = [h.patcher for h in (general_model, face_model) if h.patcher is not None]
         if len(patchers) == 2 and patchers[0] is patchers[1]:
             patchers.pop()
         if patchers:  # the ComfyUI-native backend (patcher None) loads the graph's models itself, per stage
-            need = memory_estimate(image, scale, tile_size or None, general_model.pipe.dtype)
-            mm.load_models_gpu(patchers, memory_required=need, force_full_load=True)
+            # the general model's plan for the whole image: the larger of the two runs (face crops are 512²)
+            plan = general_model.pipe.plan(image, UpscaleOptions(scale=scale, tile_size=tile_size or None,
+                                                                 color_fix=color_fix))
+            mm.load_models_gpu(patchers, memory_required=memory_required(plan), force_full_load=True)
         bar = comfy.utils.ProgressBar(image.shape[0])
 
         def progress(done, total):

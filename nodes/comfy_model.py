@@ -8,9 +8,9 @@
     VAE object. The graph's MODEL and VAE are never patched in place; ComfyUI swaps the weights back when one
     of them is loaded again.
 
-``ComfyHeadsUpModel`` offers what ``headsup_core.pipeline.HeadsUpPipeline`` calls (encode / predict_x0 /
-decode, in_channels, cross_attention_dim, device, dtype, vae_dtype, default_prompt_embeds ...), so the tiler,
-faces and colour fix are the core's. The one step is one ``BaseModel.apply_model`` call at the sigma of the
+``ComfyHeadsUpModel`` implements the core's ``headsup_core.backend.Backend`` (encode / predict_x0 / decode,
+pixel_multiple, compute_dtype, fp32_retry, in_channels, cross_attention_dim, device, dtype, ...), so the
+planner, tiler, faces and colour fix are the core's. The one step is one ``BaseModel.apply_model`` call at the sigma of the
 HeadsUp timestep on x = z / sqrt(alpha_bar): ComfyUI's ``denoised`` is then OSEDiff's x0, for eps and v models
 alike, and the call gets the host's dtype, attention, lowvram/partial loading and any dynamic VRAM.
 """
@@ -154,10 +154,10 @@ def encode_default_prompt(clip, text: str = DEFAULT_PROMPT) -> torch.Tensor:
 
 
 class ComfyHeadsUpModel:
-    """HeadsUpModel's interface on a patched ComfyUI MODEL and VAE (see the module docstring)."""
+    """The core's ``Backend`` on a patched ComfyUI MODEL and VAE (see the module docstring)."""
 
     sample_latent = False
-    retry_in_fp32 = False  # the host owns precision (its dtype / manual cast); no module upcasting here
+    supports_exact_vae = False  # ComfyUI's own VAE modules: the core blends overlapping VAE tiles instead
 
     def __init__(self, model_patcher, vae, in_channels: int, prompt_embeds: torch.Tensor | None,
                  timestep: int = 999, metadata: dict | None = None, conditioning: dict | None = None):
@@ -213,6 +213,16 @@ class ComfyHeadsUpModel:
     @property
     def vae_dtype(self) -> torch.dtype:
         return self.vae_obj.vae_dtype
+
+    def compute_dtype(self, stage: str) -> torch.dtype:
+        return self.dtype if stage == "unet" else self.vae_dtype
+
+    def fp32_retry(self, stage: str, fn, what: str = "this tile"):
+        return fn  # the host owns precision (its dtype / manual cast); no module upcasting here
+
+    def latent_from_moments(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        mean = moments.float().chunk(2, dim=1)[0]  # the posterior's mode, as ComfyUI's VAE encode returns it
+        return mean * self.scaling_factor
 
     # -------------------------------------------------------------------- the three stages
     def _load_vae(self, shape, decode: bool):

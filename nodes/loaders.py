@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 from comfy_api.latest import io
-from headsup_core.devices import DTYPE_CHOICES
+from headsup_core.precision import DTYPE_CHOICES, host_dtype
 
 if TYPE_CHECKING:  # typing only: importing these at load time would pull diffusers in for every ComfyUI start
     from comfy.model_patcher import ModelPatcher
@@ -88,17 +88,12 @@ def _stamp(path):
 
 
 def pick_dtype(choice, device):
+    """The widget's dtype; ``auto`` asks precision.py with what ComfyUI says the device supports."""
     import comfy.model_management as mm
 
-    if choice != "auto":
-        return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[choice]
-    if device.type == "cpu":
-        return torch.float32
-    if mm.should_use_bf16(device):
-        return torch.bfloat16
-    if mm.should_use_fp16(device):
-        return torch.float16
-    return torch.float32
+    if choice != "auto" or device.type == "cpu":
+        return host_dtype(choice, device)
+    return host_dtype(choice, device, bf16_ok=mm.should_use_bf16(device), fp16_ok=mm.should_use_fp16(device))
 
 
 class HeadsUpLoader(io.ComfyNode):

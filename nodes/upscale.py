@@ -4,7 +4,10 @@ import logging
 import torch
 from comfy_api.latest import io
 from headsup_core.color import COLOR_FIX_MODES
-from headsup_core.options import MAX_SCALE
+from headsup_core.errors import InterruptedByUser
+from headsup_core.faces.condition import format_assignments
+from headsup_core.options import MAX_SCALE, UpscaleOptions
+from headsup_core.runner import Host, upscale_with_retry
 
 from .loaders import FACE_ANALYSIS, HEADSUP_MODEL
 from .reference import HEADSUP_REFERENCE
@@ -12,24 +15,33 @@ from .reference import HEADSUP_REFERENCE
 log = logging.getLogger("HeadsUp")
 
 COLOR_FIXES = list(COLOR_FIX_MODES)
-DEFAULT_TILE = 1024  # output px: the pipeline's GPU default (128 latents); halving starts here when tile_size is 0
-MIN_TILE = 64
-# Rough activation memory per output pixel of one tile at fp32 (VAE decoder dominated); OOM retry covers misses.
-BYTES_PER_TILE_PIXEL_FP32 = 12 * 1024
 
 
-def memory_estimate(image, scale, tile, dtype):
-    tile = tile or DEFAULT_TILE
-    per_tile = tile * tile * BYTES_PER_TILE_PIXEL_FP32 * (torch.finfo(dtype).bits / 32)
-    out_pixels = image.shape[0] * image.shape[1] * image.shape[2] * scale * scale
-    return int(per_tile + out_pixels * 4 * 4)  # + the float output image and its blend weights
+class ComfyHost(Host):
+    """The core's OOM retry inside ComfyUI: its OOM exception counts, the weights are loaded reserving the
+    plan's activation estimate before each attempt (the same plan then runs), and its cache is emptied after."""
+
+    def __init__(self, handle):
+        super().__init__()
+        self.handle = handle
+
+    def is_oom(self, exc: BaseException) -> bool:
+        import comfy.model_management as mm
+
+        return isinstance(exc, mm.OOM_EXCEPTION) or super().is_oom(exc)
+
+    def before_try(self, plan) -> None:
+        self.handle.load(memory_required(plan))
+
+    def after_oom(self) -> None:
+        import comfy.model_management as mm
+
+        mm.soft_empty_cache(True)
 
 
-def memory_required(pipe, image, options) -> int:
-    """Activation bytes of the core's plan for this request (ComfyUI adds the weights itself)."""
-    from headsup_core.memory import estimate_request
-
-    return max(1, int(estimate_request(pipe, image, options)["activations"]))
+def memory_required(plan) -> int:
+    """Activation bytes of the plan that runs (ComfyUI adds the weights itself)."""
+    return max(1, int(plan.estimate["activations"]))
 
 
 def prompt_embeds_from(conditioning):
@@ -113,9 +125,6 @@ class HeadsUpUpscale(io.ComfyNode):
                 conditioning=None, strength=1.0, match_threshold=0.3, tags=None) -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
-        from headsup_core import memory
-        from headsup_core.errors import InterruptedByUser
-        from headsup_core.options import UpscaleOptions
 
         pipe = model.pipe
         references = list(reference.references) if reference is not None else None
@@ -132,12 +141,9 @@ class HeadsUpUpscale(io.ComfyNode):
                               match_threshold=match_threshold, prompt_embeds=prompt_embeds_from(conditioning),
                               tag_source=tag_source_from(tags, image.shape[0], conditioning))
         try:
-            out, info = memory.upscale_with_retry(
-                pipe, image, options=opts, reference=references, face_analyzer=analyzer, progress=progress,
-                interrupt=mm.processing_interrupted, return_info=True,
-                is_oom=lambda exc: isinstance(exc, mm.OOM_EXCEPTION) or memory.is_oom(exc),
-                before_try=lambda o: model.load(memory_required(pipe, image, o)),
-                after_oom=lambda: mm.soft_empty_cache(True))
+            out, info = upscale_with_retry(pipe, image, options=opts, host=ComfyHost(model), reference=references,
+                                           face_analyzer=analyzer, progress=progress,
+                                           interrupt=mm.processing_interrupted, return_info=True)
         except InterruptedByUser:
             # The core's interrupt -> ComfyUI's own: the queue shows the prompt as interrupted, not failed.
             log.info("HeadsUp: interrupted by the user.")
@@ -145,12 +151,8 @@ class HeadsUpUpscale(io.ComfyNode):
             raise mm.InterruptProcessingException() from None
 
         device = mm.intermediate_device()
-        mask = info.get("face_mask")
-        if mask is None:
-            mask = torch.zeros(out.shape[0], 1, out.shape[1], out.shape[2])
-        mask = mask.to(device=device, dtype=torch.float32).squeeze(1)
-        in_use = getattr(pipe, "conditioning_in_use", None)  # a core HeadsUpPipeline has it
-        lines, used = [], in_use() if in_use is not None else {"reference": True, "mask": True}
+        mask = info["face_mask"].to(device=device, dtype=torch.float32).squeeze(1)
+        lines, used = [], pipe.conditioning_in_use()
         if references and not used["reference"]:
             lines.append(f"reference ignored: {info['reference_note']}")
             log.info("HeadsUp: %s", lines[-1])
@@ -159,8 +161,6 @@ class HeadsUpUpscale(io.ComfyNode):
             lines.append("face mask not computed: the weights' mask input channel of conv_in is zero")
             log.info("HeadsUp: %s", lines[-1])
         elif analyzer is not None:
-            from headsup_core.faces import format_assignments
-
             for i, faces in enumerate(info.get("assignments") or []):
                 lines.append(f"image {i}:\n{format_assignments(faces)}")
                 log.info("HeadsUp %s", lines[-1])

@@ -133,16 +133,16 @@ def weights_scale(path: str) -> int:
 
 
 def _device_dtype():
+    """A1111's device, and the dtype precision.py picks from its dtype and --no-half."""
     import torch
+    from headsup_core.precision import host_dtype
 
     dev = getattr(devices, "device", None)
     if dev is None and hasattr(devices, "get_optimal_device"):
         dev = devices.get_optimal_device()
     dev = torch.device(dev or "cpu")
-    dtype = getattr(devices, "dtype", None) or torch.float32
-    if dev.type == "cpu" or getattr(getattr(shared, "cmd_opts", None), "no_half", False):
-        dtype = torch.float32
-    return dev, dtype
+    no_half = bool(getattr(getattr(shared, "cmd_opts", None), "no_half", False))
+    return dev, host_dtype(None, dev, host=getattr(devices, "dtype", None) or torch.float32, no_half=no_half)
 
 
 def forge_prepare_free_memory():
@@ -306,7 +306,7 @@ class UpscalerHeadsUp(_upscaler.Upscaler):
             if state is not None and hasattr(state, "sampling_steps"):
                 state.sampling_steps, state.sampling_step = total, done
 
-        from headsup_core.memory import upscale_with_retry
+        from headsup_core.runner import upscale_with_retry
 
         _free_memory()
         pipe.to(*_device_dtype())

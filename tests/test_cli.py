@@ -134,11 +134,11 @@ def test_download_is_opt_in_and_fails_clearly_offline(tmp_path, monkeypatch):
 
 
 def test_memory_budget_and_weight_dtype_reach_the_pipeline(tmp_path, tiny_models, monkeypatch):
-    from headsup_core import memory
+    from headsup_core import runner
     from headsup_core.pipeline import HeadsUpPipeline
 
     seen = {}
-    real_from_files, real_retry = HeadsUpPipeline.from_files.__func__, memory.upscale_with_retry
+    real_from_files, real_retry = HeadsUpPipeline.from_files.__func__, runner.upscale_with_retry
 
     def from_files(cls, *a, **k):
         seen["weight_dtype"] = k.get("weight_dtype")
@@ -149,7 +149,7 @@ def test_memory_budget_and_weight_dtype_reach_the_pipeline(tmp_path, tiny_models
         return real_retry(pipe, image, options=options, **k)
 
     monkeypatch.setattr(HeadsUpPipeline, "from_files", classmethod(from_files))
-    monkeypatch.setattr(memory, "upscale_with_retry", retry)
+    monkeypatch.setattr(runner, "upscale_with_retry", retry)
     Image.new("RGB", (12, 10)).save(tmp_path / "a.png")
     argv = ["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--scale", "2", "--base",
             str(tiny_models["base"]), "--weights", str(tiny_models["osediff"]), "-q", "--weight-dtype", "fp16",

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from headsup_core import devices
+from headsup_core import devices, precision
 from headsup_core.errors import HeadsUpError
 from headsup_core.licences import describe_licence
 from headsup_core.model_paths import find_base, find_weights, model_root
@@ -12,12 +12,12 @@ from headsup_core.model_paths import find_base, find_weights, model_root
 
 def test_device_and_dtype_choice():
     assert devices.pick_device("cpu") == torch.device("cpu")
-    assert devices.pick_dtype(None, torch.device("cpu")) == torch.float32
-    assert devices.pick_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert precision.pick_dtype(None, torch.device("cpu")) == torch.float32
+    assert precision.pick_dtype("bf16", torch.device("cpu")) == torch.bfloat16
     # GPUs default to fp16, not bf16: the one-step update amplifies eps errors 14.6x (docs/benchmark.md).
-    assert devices.pick_dtype(None, torch.device("cuda")) == torch.float16
+    assert precision.pick_dtype(None, torch.device("cuda")) == torch.float16
     with pytest.raises(HeadsUpError, match="Unknown dtype"):
-        devices.pick_dtype("int3", torch.device("cpu"))
+        precision.pick_dtype("int3", torch.device("cpu"))
     if not torch.cuda.is_available():
         with pytest.raises(HeadsUpError, match="no CUDA"):
             devices.pick_device("cuda")
@@ -25,7 +25,7 @@ def test_device_and_dtype_choice():
 
 def test_upcast_restores_the_dtype():
     module = torch.nn.Linear(2, 2).to(torch.bfloat16)
-    with devices.upcast(module):
+    with precision.upcast(module):
         assert module.weight.dtype == torch.float32
     assert module.weight.dtype == torch.bfloat16
 

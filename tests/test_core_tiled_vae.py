@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from headsup_core import HeadsUpPipeline
 from headsup_core.errors import InterruptedByUser
-from headsup_core.tiled_vae import decoder_forward, encoder_forward, partition, run_exact
+from headsup_core.geometry import partition
+from headsup_core.tiled_vae import decoder_forward, encoder_forward, run_exact
 from headsup_core.tiling import TilePlan
 
 CPU = torch.device("cpu")
@@ -55,7 +56,7 @@ def test_exact_tiling_is_closer_to_untiled_than_fast(tiny_models, t1_jpg):
     diffs = {}
     for mode in ("exact", "fast"):
         plan = TilePlan(encoder_tile=16, decoder_tile=16, unet_tile=512, vae_mode=mode)
-        assert plan.vae_tile_count(48, 48, "decoder") == (9 if mode == "exact" else plan.vae_tile_count(48, 48, "decoder"))
+        assert plan.tile_count("decoder", (48, 48)) == (9 if mode == "exact" else plan.tile_count("decoder", (48, 48)))
         out = pipe.upscale(photo, 4, color_fix="none", tile_size=plan).astype(np.float64)
         diffs[mode] = np.abs(out - ref).max()
     assert diffs["exact"] < diffs["fast"], diffs
@@ -88,7 +89,7 @@ def test_exact_tiles_report_progress_while_they_run(tiny_pipe):
     finally:
         hook.remove()
     plan = info["tile_plan"]
-    n_dec = plan.vae_tile_count(48, 48, "decoder")
+    n_dec = plan.tile_count("decoder", (48, 48))
     assert n_dec > 1
     done, total = seen[-1][0], seen[-1][1]
     assert done == total == len(seen)  # every tile ticked exactly once
@@ -229,7 +230,7 @@ def _sd21_like():
 
 
 def test_bounded_store_bounds_the_estimate_and_lets_large_images_tile():
-    from headsup_core import memory
+    from headsup_core import memory, planner
 
     model, lat, budget = _sd21_like(), (256, 256), 3 << 30  # 2048² output
     plan = TilePlan(encoder_tile=64, decoder_tile=64, unet_tile=128)
@@ -240,7 +241,7 @@ def test_bounded_store_bounds_the_estimate_and_lets_large_images_tile():
     big = memory.estimate(model, plan, (512, 512), CPU, budget)
     assert big["encoder"] <= budget and memory.estimate(model, plan, (512, 512), CPU)["encoder"] > 4 * budget
     # The planner tiles the VAE (the whole image does not fit) and the plan fits the budget.
-    chosen = memory.plan_for_budget(model, lat, budget, CPU)
+    chosen = planner.plan_for_budget(model, lat, budget, CPU)
     assert chosen.encoder_tile < 256 and chosen.decoder_tile < 256
     assert memory.estimate(model, chosen, lat, CPU, budget)["activations"] <= budget
     # The budget the pipeline hands run_exact: what is left after the image buffers and the tile.

@@ -6,8 +6,8 @@ import logging
 import pytest
 import torch
 
+from headsup_core import precision
 from headsup_core.errors import HeadsUpError
-from headsup_core.loading import dtypes as dt
 from headsup_core.loading.base import base_param_count, load_base
 from headsup_core.loading.build import build_model
 from headsup_core.loading.stream import SingleFile
@@ -56,18 +56,18 @@ def test_storage_policy():
     compute = {"unet": F32, "encoder": F32, "decoder": BF16}
     cpu = torch.device("cpu")
     # plenty of memory: weights stay in their compute dtype
-    assert dt.storage_dtypes(cpu, compute, "auto", 4 * 10**9, budget=20 * 10**9) == compute
+    assert precision.storage_dtypes(cpu, compute, "auto", 4 * 10**9, budget=20 * 10**9) == compute
     # short of memory: only the UNet is kept narrower (the VAE always computes in what it stores)
-    short = dt.storage_dtypes(cpu, compute, "auto", 4 * 10**9, budget=6 * 10**9)
+    short = precision.storage_dtypes(cpu, compute, "auto", 4 * 10**9, budget=6 * 10**9)
     assert short == {"unet": F16, "encoder": F32, "decoder": BF16}
-    assert dt.storage_dtypes(cpu, compute, "bf16")["unet"] == BF16
-    assert dt.storage_dtypes(cpu, compute, "fp32") == compute
+    assert precision.storage_dtypes(cpu, compute, "bf16")["unet"] == BF16
+    assert precision.storage_dtypes(cpu, compute, "fp32") == compute
     # never wider than compute, and a GPU's fp16 compute keeps fp16
-    half = {s: F16 for s in dt.STAGES}
-    assert dt.storage_dtypes(torch.device("cuda"), half, "auto", 4 * 10**9, budget=10**9) == half
-    assert dt.storage_dtypes(cpu, half, "fp32") == half
+    half = {s: F16 for s in precision.STAGES}
+    assert precision.storage_dtypes(torch.device("cuda"), half, "auto", 4 * 10**9, budget=10**9) == half
+    assert precision.storage_dtypes(cpu, half, "fp32") == half
     with pytest.raises(HeadsUpError, match="weight_dtype must be one of"):
-        dt.storage_dtypes(cpu, compute, "int8")
+        precision.storage_dtypes(cpu, compute, "int8")
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from headsup_core import memory
+from headsup_core import memory, planner, runner
 from headsup_core.errors import HeadsUpError, InputImageError, InterruptedByUser
 from headsup_core.options import UpscaleOptions
 from headsup_core.tiling import TilePlan
@@ -67,11 +67,11 @@ def test_tile_overhead_for_a_known_plan():
 
 def test_budget_decides_tiling(tiny_pipe):
     model, dev = tiny_pipe.model, tiny_pipe.device
-    big = memory.plan_for_budget(model, (64, 48), 1 << 40, dev)
+    big = planner.plan_for_budget(model, (64, 48), 1 << 40, dev)
     assert (big.encoder_tile, big.unet_tile, big.decoder_tile) == (64, 64, 64)  # whole image everywhere
     assert all(memory.stage_overhead(big, (64, 48), s) == (1, 0.0) for s in memory.STAGES)
     budget = memory.image_bytes(model, (64, 48)) + 200_000
-    small = memory.plan_for_budget(model, (64, 48), budget, dev)
+    small = planner.plan_for_budget(model, (64, 48), budget, dev)
     assert small.unet_tile < 64
     # Estimated under the budget the run gets (the exact VAE spills parked activations beyond it to disk).
     est = memory.estimate(model, small, (64, 48), dev, budget)
@@ -115,17 +115,17 @@ def test_oom_retry_halves_tiles_and_says_so(tiny_pipe, monkeypatch, caplog):
 
     monkeypatch.setattr(tiny_pipe.model, "predict_x0", picky)
     with caplog.at_level(logging.WARNING, logger="headsup"):
-        out = memory.upscale_with_retry(tiny_pipe, img, scale=4, color_fix="none", memory_budget_mb=1 << 20)
+        out = runner.upscale_with_retry(tiny_pipe, img, scale=4, color_fix="none", memory_budget_mb=1 << 20)
     assert out.shape == (384, 384, 3)
     assert seen[0] == 48 and max(seen[-4:]) <= 16  # untiled first, then halved until the UNet tiles fit
     assert sum("out of memory" in r.message and "retrying" in r.message for r in caplog.records) >= 2
     monkeypatch.setattr(tiny_pipe.model, "predict_x0", lambda *a, **k: (_ for _ in ()).throw(
         torch.OutOfMemoryError("out of memory")))
     with pytest.raises(HeadsUpError, match="smallest tiles"):
-        memory.upscale_with_retry(tiny_pipe, _rgb(16, 16), scale=2)
+        runner.upscale_with_retry(tiny_pipe, _rgb(16, 16), scale=2)
     monkeypatch.setattr(tiny_pipe.model, "predict_x0", lambda *a, **k: (_ for _ in ()).throw(ValueError("bug")))
     with pytest.raises(ValueError, match="bug"):  # anything else is not retried
-        memory.upscale_with_retry(tiny_pipe, _rgb(16, 16), scale=2)
+        runner.upscale_with_retry(tiny_pipe, _rgb(16, 16), scale=2)
 
 
 def test_interrupt_callable_stops_between_tiles(tiny_pipe):
@@ -156,4 +156,4 @@ def test_nothing_calls_cuda_on_a_cpu_only_run(tiny_models, monkeypatch):
     assert pipe.device.type == "cpu"
     out, info = pipe.upscale(_rgb(24, 24), 2, return_info=True)
     assert out.shape == (48, 48, 3) and info["timings"][0]["unet_s"] >= 0
-    memory.upscale_with_retry(pipe, _rgb(16, 16), scale=2)
+    runner.upscale_with_retry(pipe, _rgb(16, 16), scale=2)

@@ -124,6 +124,20 @@ class FakeModel(torch.nn.Module):
         self.unet = SimpleNamespace(config=SimpleNamespace(cross_attention_dim=8))
 
 
+class FakePlan:
+    """A plan of ``tile_px`` output pixels (None: automatic), halved down to 64 px like the core's."""
+
+    def __init__(self, tile_px):
+        self.tile_px, self.estimate = tile_px, {"activations": 1 << 20}
+
+    def halved(self):
+        t = (self.tile_px or 512) // 2
+        return FakePlan(t) if t >= 64 else None
+
+    def describe(self):
+        return f"{self.tile_px} px"
+
+
 class FakePipe:
     """Records calls; raises OOM while tile_size is above `oom_above`; reports `tiles` progress steps."""
 
@@ -134,12 +148,17 @@ class FakePipe:
 
     device = torch.device("cpu")
 
-    def upscale(self, image, reference=None, *, options, face_analyzer=None, progress=None, interrupt=None,
+    def plan(self, image, options):
+        return FakePlan(options.tile_size)
+
+    def conditioning_in_use(self):
+        return {"reference": True, "mask": True}
+
+    def upscale(self, image, reference=None, *, options, plan, face_analyzer=None, progress=None, interrupt=None,
                 return_info=False):
         from headsup_core.errors import InterruptedByUser
 
-        ts = options.tile_size
-        tile_size = ts if ts is None or isinstance(ts, int) else ts.unet_tile * 8  # a halved plan, in pixels
+        tile_size = plan.tile_px  # the plan that runs: the options' tile size, then halved
         scale = options.scale
         self.calls.append(dict(tile_size=tile_size, reference=reference, prompt_embeds=options.prompt_embeds,
                                face_analyzer=face_analyzer, color_fix=options.color_fix, strength=options.strength,
@@ -154,15 +173,6 @@ class FakePipe:
         out = image.repeat_interleave(int(scale), 1).repeat_interleave(int(scale), 2)
         info = {"face_mask": torch.ones(b, 1, h * int(scale), w * int(scale)), "assignments": [[]] * b}
         return (out, info) if return_info else out
-
-    def plan_for(self, image, options):
-        from headsup_core.tiling import TilePlan
-
-        ts = options.tile_size
-        return ts if isinstance(ts, TilePlan) else TilePlan.from_tile_size(ts or 512)
-
-    def latent_size(self, out_hw):
-        return out_hw[0] // 8, out_hw[1] // 8
 
 
 def _handle(pack, pipe):
@@ -234,7 +244,7 @@ def test_native_handle_is_not_loaded_by_the_nodes(pack):
 
 def test_option_lists_come_from_the_core(pack):
     from headsup_core.color import COLOR_FIX_MODES
-    from headsup_core.devices import DTYPE_CHOICES
+    from headsup_core.precision import DTYPE_CHOICES
 
     ins = {i.id: i for i in pack.nodes["HeadsUpUpscale"].GET_SCHEMA().inputs}
     assert ins["color_fix"].options == list(COLOR_FIX_MODES)

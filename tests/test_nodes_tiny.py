@@ -205,3 +205,19 @@ def test_osediff_weights_say_the_reference_is_ignored(pack, faces, caplog):
     assert "reference ignored" in caplog.text and "similarity" not in caplog.text
     tip = {i.id: i for i in pack.nodes["HeadsUpUpscale"].GET_SCHEMA().inputs}["reference"].tooltip
     assert "OSEDiff" in tip and "ignore" in tip
+
+
+def test_nodes_reserve_the_memory_of_the_plan_that_runs(pack, model, faces):
+    """The upscale node reserves the estimate of the plan it then runs; the blend node the general model's plan
+    for the whole image (no separate per-pixel guess)."""
+    from headsup_core.options import UpscaleOptions
+
+    lq = _as_image(_photo("t1.jpg"), (40, 28))
+    opts = UpscaleOptions(scale=2.0, tile_size=128, color_fix="none", strength=1.0, match_threshold=0.3)
+    pack.mm.LOADS.clear()
+    pack.nodes["HeadsUpUpscale"].execute(model=model, image=lq, scale=2.0, tile_size=128, color_fix="none")
+    assert [need for _, need, _ in pack.mm.LOADS] == [model.pipe.plan(lq, opts).estimate["activations"]]
+    pack.mm.LOADS.clear()
+    pack.nodes["HeadsUpBlendUpscale"].execute(general_model=model, face_model=model, face_analysis=faces, image=lq,
+                                              scale=2.0, tile_size=128, color_fix="none", feather=0.0)
+    assert [need for _, need, _ in pack.mm.LOADS][:1] == [model.pipe.plan(lq, opts).estimate["activations"]]

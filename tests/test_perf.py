@@ -7,17 +7,17 @@ import logging
 import numpy as np
 import torch
 
-from headsup_core import HeadsUpPipeline, perf
+from headsup_core import HeadsUpPipeline, precision
 
 
 def test_native_bf16_is_read_from_the_cpu_flags_never_assumed():
-    assert perf.cpu_native_bf16({"avx512f", "avx512_bf16"}) and perf.cpu_native_bf16({"amx_bf16", "amx_tile"})
-    assert not perf.cpu_native_bf16({"avx512f", "avx2"}) and not perf.cpu_native_bf16(set())
+    assert precision.cpu_native_bf16({"avx512f", "avx512_bf16"}) and precision.cpu_native_bf16({"amx_bf16", "amx_tile"})
+    assert not precision.cpu_native_bf16({"avx512f", "avx2"}) and not precision.cpu_native_bf16(set())
 
 
 def test_cpu_defaults_by_stage(tiny_models, monkeypatch):
-    monkeypatch.delenv(perf.ENV_BF16, raising=False)
-    monkeypatch.setattr(perf, "cpu_native_bf16", lambda flags=None: True)
+    monkeypatch.delenv(precision.ENV_BF16, raising=False)
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda flags=None: True)
     pipe = HeadsUpPipeline.from_files(tiny_models["base"], tiny_models["headsup"], device="cpu")
     m = pipe.model
     assert pipe.source["formats"] == {"channels_last": True, "polyphase_upsample": 3, "encoder": "bf16",
@@ -35,11 +35,11 @@ def test_cpu_defaults_by_stage(tiny_models, monkeypatch):
     ref = ref_pipe.upscale(img, 2, color_fix="none").astype(np.float64)
     psnr = 10 * np.log10(255.0**2 / max(np.mean((out - ref) ** 2), 1e-12))
     assert 30 < psnr < 200, psnr  # close to fp32, and it did run in bf16
-    monkeypatch.setattr(perf, "cpu_native_bf16", lambda flags=None: False)
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda flags=None: False)
     plain = HeadsUpPipeline.from_files(tiny_models["base"], tiny_models["headsup"], device="cpu")
     assert plain.model.decoder_dtype == torch.float32
-    monkeypatch.setattr(perf, "cpu_native_bf16", lambda flags=None: True)
-    monkeypatch.setenv(perf.ENV_BF16, "decoder")
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda flags=None: True)
+    monkeypatch.setenv(precision.ENV_BF16, "decoder")
     dec = HeadsUpPipeline.from_files(tiny_models["base"], tiny_models["headsup"], device="cpu")
     assert dec.model.encoder_dtype == torch.float32 and dec.model.decoder_dtype == torch.bfloat16
 
@@ -58,7 +58,7 @@ def test_polyphase_upsamplers_only_in_the_vae_decoder(tiny_models):
 
 
 def test_nan_in_the_bf16_decoder_is_retried_in_fp32(tiny_models, monkeypatch, caplog):
-    monkeypatch.setenv(perf.ENV_BF16, "decoder")
+    monkeypatch.setenv(precision.ENV_BF16, "decoder")
     pipe = HeadsUpPipeline.from_files(tiny_models["base"], tiny_models["headsup"], device="cpu")
     conv = pipe.model.vae.decoder.conv_out
     real = conv.forward

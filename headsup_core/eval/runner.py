@@ -369,7 +369,7 @@ def build_methods(names, *, base=None, weights=None, osediff_weights=None, face_
             pipes[key] = HeadsUpPipeline.from_files(base, weights=w, device=device, dtype=dtype)
         return pipes[key]
 
-    from ..memory import upscale_with_retry  # the one OOM policy: halve the tiles and retry
+    from ..runner import upscale_with_retry  # the one OOM policy: halve the tiles and retry
 
     common = dict(tile_size=tile_size, color_fix=color_fix, seed=seed)
     methods: dict[str, Callable] = {}

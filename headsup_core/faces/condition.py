@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import torch
 
 from ..errors import FaceError
 from .align import FACE_ELLIPSE_512, apply, cv2_module, estimate_similarity, roi_of, scale_of, template, warp_into_roi
@@ -132,8 +133,6 @@ def build_face_condition(lq_rgb: np.ndarray, out_size, analyzer, references=None
     faces in LQ coordinates (skips detection). Faces with a reference are always masked; faces without one
     only if ``mask_without_reference``.
     """
-    import torch
-
     cv2 = cv2_module()
     lq = check_image(lq_rgb)
     h_out, w_out = int(out_size[0]), int(out_size[1])
@@ -223,8 +222,6 @@ def encode_reference_windows(canvas, windows, encode, latent_hw, align: int = RE
     for the same face wherever it is and whatever the image size. ``encode(x) -> latent`` takes a 1x3xHxW slice
     in [-1, 1] (pass a tiled encoder for huge faces). Windows past the canvas edge are zero-padded; overlapping
     windows are averaged. Training (``train.trainer``) and inference (``pipeline``) both use this."""
-    import torch
-
     h, w = int(latent_hw[0]), int(latent_hw[1])
     out, weight = None, torch.zeros(1, 1, h, w, device=canvas.device)
     for x0, y0, x1, y1 in windows:
@@ -248,8 +245,6 @@ def encode_reference_windows(canvas, windows, encode, latent_hw, align: int = RE
 
 def _place_reference(canvas, ref: Reference, face: DetectedFace, out_hw, cv2) -> None:
     """Warp the reference crop so that its landmarks land on the face's landmarks, inside the face window."""
-    import torch
-
     crop, kps = ref.crop, ref.kps
     m = estimate_similarity(kps, face.kps)  # crop -> output image
     if scale_of(m) < 0.75:  # shrink with area averaging first; warpAffine alone would alias the fine detail

@@ -4,10 +4,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
-
 from .. import devices
+from ..licences import describe_licence
 from ..model import HeadsUpModel
+from ..precision import compute_dtypes, dtype_name, storage_dtypes
+from .base import base_param_count, load_base
+from .dtypes import apply_storage
+from .surgery import widen_conv_in
+from .text_encoder import PromptEncoder, osediff_prompt
+from .weights import apply_weights, base_warnings, load_weights
 
 log = logging.getLogger("headsup")
 
@@ -20,21 +25,14 @@ def build_model(base, weights=None, device=None, dtype=None, *, prediction_type:
     encoder on ``", ,"``. ``configs`` overrides the shipped SD2 configs for single files
     (``{"unet", "vae", "text_encoder"}``), e.g. for the models ``make-tiny`` writes.
 
-    Each stage's weights are read straight into the dtype they are kept in (dtypes.py): ``dtype`` names the
-    compute dtype (default: per device and stage, see perf.py), ``weight_dtype`` the storage (``auto``: the
+    Each stage's weights are read straight into the dtype they are kept in (precision.py decides, dtypes.py
+    applies): ``dtype`` names the compute dtype (default: per device and stage), ``weight_dtype`` the storage (``auto``: the
     compute dtype, or fp16 on a CPU whose memory budget is short).
 
     Returns the model (eval, no grad, on ``device``) and an info dict: ``base``, ``weights``, ``base_key``,
     ``base_layout``, ``base_fingerprint``, ``dtypes`` (compute and storage per stage) and ``text_encoder_loader``
     (None without one).
     """
-    from ..licences import describe_licence
-    from .base import base_param_count, load_base
-    from .dtypes import apply_storage, compute_dtypes, storage_dtypes
-    from .surgery import widen_conv_in
-    from .text_encoder import PromptEncoder, osediff_prompt
-    from .weights import apply_weights, base_warnings, load_weights
-
     dev = devices.pick_device(device)
     compute = compute_dtypes(dev, dtype)
     storage = storage_dtypes(dev, compute, weight_dtype, 4 * base_param_count(base))
@@ -80,9 +78,5 @@ def build_model(base, weights=None, device=None, dtype=None, *, prediction_type:
     info = {"base": str(base), "weights": str(weights), "base_key": base_models.cache_key,
             "base_layout": base_models.layout, "base_fingerprint": base_models.fingerprint,
             "text_encoder_loader": loader,
-            "dtypes": {s: {"compute": _name(compute[s]), "storage": _name(storage[s])} for s in compute}}
+            "dtypes": {s: {"compute": dtype_name(compute[s]), "storage": dtype_name(storage[s])} for s in compute}}
     return model, info
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")

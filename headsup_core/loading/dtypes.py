@@ -1,15 +1,9 @@
-"""Which dtype each stage computes in, and which dtype its weights are kept in between layers.
+"""Apply the dtypes precision.py decides: each stage's weights kept in their storage dtype and, when that is
+narrower than the compute dtype, cast per layer for its own forward (diffusers' layerwise casting).
 
-Compute dtypes come from perf.py's measured per-stage choice (CPU: fp32 UNet and encoder, bf16 decoder on CPUs
-with native bf16; GPU: the device dtype). The weights are read from the file straight into their storage dtype.
-
-Storage equals compute unless memory is short. On a CPU, when the fp32 weights would take more than
-``STORAGE_SHARE`` of the memory budget (memory.py), the UNet keeps its weights in fp16 and each layer is cast up
-for its own forward (diffusers' layerwise casting). That halves the resident weights (SD2.1: 3.8 -> 2.1 GB) and
-costs casts per layer per call; fp16 keeps 11 mantissa bits, the precision SD2 checkpoints are usually
-distributed in. ``weight_dtype`` (CLI ``--weight-dtype``) chooses it outright. The VAE (0.3 GB in fp32) always
-keeps its compute dtype: diffusers' decoder casts its activations to its weights' dtype, so narrower storage
-would break it, and it would save little.
+Which dtype each stage computes in and stores in is precision.py's decision (``compute_dtypes``,
+``storage_dtypes``); this module only changes modules. The VAE (0.3 GB in fp32) always keeps its compute dtype:
+diffusers' decoder casts its activations to its weights' dtype, so narrower storage would break it.
 """
 from __future__ import annotations
 
@@ -17,56 +11,7 @@ import logging
 
 import torch
 
-from ..choices import WEIGHT_DTYPE_CHOICES
-
 log = logging.getLogger("headsup")
-STAGES = ("unet", "encoder", "decoder")
-NARROW_STAGES = ("unet",)  # the stages whose weights may be stored narrower than they compute
-STORAGE_SHARE = 0.5  # fp32 weights above this share of the memory budget -> 16-bit storage (auto)
-_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def compute_dtypes(device: torch.device, dtype_requested=None) -> dict[str, torch.dtype]:
-    """The dtype each stage computes in: ``dtype_requested`` for every stage when named, else the device dtype
-    with perf.py's measured CPU exceptions (bf16 stages)."""
-    from .. import devices
-    from ..perf import cpu_bf16_stages
-
-    dt = devices.pick_dtype(dtype_requested, device)
-    out = {s: dt for s in STAGES}
-    if torch.device(device).type == "cpu" and dtype_requested in (None, "auto"):
-        for stage in cpu_bf16_stages():
-            out[stage] = torch.bfloat16
-    return out
-
-
-def storage_dtypes(device: torch.device, compute: dict[str, torch.dtype], weight_dtype: str | None = "auto",
-                   fp32_weight_bytes: int = 0, budget: int | None = None) -> dict[str, torch.dtype]:
-    """The dtype each stage's weights are kept in. Storage is never wider than compute."""
-    weight_dtype = (weight_dtype or "auto").lower()
-    if weight_dtype not in WEIGHT_DTYPE_CHOICES:
-        from ..errors import HeadsUpError
-
-        raise HeadsUpError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPE_CHOICES)}, got {weight_dtype!r}.")
-    if weight_dtype == "auto":
-        narrow = None
-        if torch.device(device).type == "cpu" and fp32_weight_bytes:
-            if budget is None:
-                from ..memory import budget_bytes
-
-                budget = budget_bytes(device)
-            if fp32_weight_bytes > STORAGE_SHARE * budget:
-                narrow = torch.float16
-                log.info("HeadsUp: keeping fp32 stages' weights in fp16 (%.1f GB of fp32 weights > %.0f%% of the "
-                         "%.1f GB memory budget); each layer is cast to fp32 for its forward.",
-                         fp32_weight_bytes / 1e9, 100 * STORAGE_SHARE, budget / 1e9)
-    else:
-        narrow = _NAMES[weight_dtype]
-    out = {}
-    for stage, c in compute.items():
-        narrower = narrow is not None and torch.finfo(narrow).bits < torch.finfo(c).bits
-        out[stage] = narrow if narrower and stage in NARROW_STAGES else c
-    return out
 
 
 def retarget_storage(module: torch.nn.Module, dtype: torch.dtype) -> None:
