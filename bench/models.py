@@ -52,6 +52,39 @@ def sd21_single_file(folder: str | Path, seed: int = 0) -> Path:
     return path
 
 
+def default_files_dir() -> str:
+    """Where the benchmark's weight sets are written once and reused (bench/pipeline.py's --files-dir default)."""
+    import tempfile
+
+    return str(Path(tempfile.gettempdir()) / "headsup-bench-files")
+
+
+def sd21_diffusers_set(folder: str | Path, seed: int = 1) -> tuple[Path, Path]:
+    """Write (once) a second, independent SD2.1-size weight set: a diffusers folder (UNet + VAE, fp32, seeded
+    random) and an OSEDiff-format ``.pkl`` of random rank-4 LoRA adapters for it. Returns (folder, pkl)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from headsup_core.loading.base import CONFIG_DIR
+    from headsup_core.testing.tiny_models import write_osediff_pkl
+
+    root = Path(folder) / f"sd21_random_seed{seed}_diffusers"
+    base, pkl = root / "base", root / "osediff_random.pkl"
+    if (root / "done").exists():
+        return base, pkl
+    unet_cfg = json.loads((CONFIG_DIR / "sd2" / "unet" / "config.json").read_text())
+    vae_cfg = json.loads((CONFIG_DIR / "sd2" / "vae" / "config.json").read_text())
+    torch.manual_seed(seed)
+    unet, vae = UNet2DConditionModel.from_config(unet_cfg), AutoencoderKL.from_config(vae_cfg)
+    unet.save_pretrained(base / "unet", safe_serialization=True)
+    vae.save_pretrained(base / "vae", safe_serialization=True)
+    (base / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+                                                       "note": "random weights, benchmark only"}))
+    write_osediff_pkl(pkl, unet, vae, rank=4, seed=seed + 100)
+    (root / "done").write_text("ok")
+    return base, pkl
+
+
 def build_pipeline(model: str, files: str, device, dtype_requested, seed: int, *, defaults: bool,
                    weight_dtype: str = "auto"):
     """Our pipeline as a user gets it (``defaults``: ``from_files`` with the measured per-stage formats), or the

@@ -37,7 +37,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python bench/pipeline.py`: the repository root holds headsup_core and bench
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.memstat import available_bytes, rss_bytes  # noqa: E402
-from bench.models import build_pipeline, sd21_single_file  # noqa: E402
+from bench.models import build_pipeline, default_files_dir, sd21_single_file  # noqa: E402
 from bench.report import code_version, fmt, format_table  # noqa: E402
 from headsup_core.eval.metrics import psnr  # noqa: E402
 
@@ -316,7 +316,7 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-budget-mb", type=float, default=None,
                     help="our path: the memory budget for the work on top of the loaded model (default: the "
                     "pipeline's, a fraction of free memory); the exact tiled VAE spills beyond it")
-    ap.add_argument("--files-dir", default=str(Path(tempfile.gettempdir()) / "headsup-bench-files"),
+    ap.add_argument("--files-dir", default=default_files_dir(),
                     help="where the sd21 single file is written once and reused (default: a folder in the "
                     "system temp dir; ~1.9 GB)")
     ap.add_argument("--compile", action="store_true", help="our path with torch.compile on the UNet (off by default)")

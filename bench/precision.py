@@ -1,9 +1,12 @@
 """Output PSNR of per-stage number and memory formats against the fp32 contiguous pipeline (quality, not time).
 
-    OMP_NUM_THREADS=1 python bench/precision.py --size 512
+    OMP_NUM_THREADS=1 python -m bench.precision --size 512 --set file     # seed-0 LDM single file (bench/pipeline.py's)
+    OMP_NUM_THREADS=1 python -m bench.precision --size 512 --set folder   # seed-1 diffusers folder + OSEDiff .pkl
 
-The SD2.1-size architecture with random weights (as bench/pipeline.py), one image (a real photo crop when the
-insightface wheel ships one, else noise), every stage untiled, colour fix ``adain``. Each variant changes one
+Two independent weight sets of the SD2.1-size architecture with random weights: ``file``, the fp16 LDM single
+file bench/pipeline.py runs (no HeadsUp weights), and ``folder``, a diffusers folder with other seeds plus an
+OSEDiff-format ``.pkl`` of random LoRA adapters (rank 4). One image (a real photo crop when the insightface wheel
+ships one, else noise), every stage untiled, colour fix ``adain``. Each variant changes one
 thing against the fp32 contiguous baseline and reports the output PSNR (dB) against it, plus the RMS error of the
 latents it produces. This is what decides the CPU defaults in ``headsup_core/perf.py`` (bf16 only for stages that
 stay >= 40 dB). Peak RSS stays under ~6 GB (the fp32 UNet plus one half-precision copy of a part at a time).
@@ -47,18 +50,34 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=512, help="output side in pixels (input = size / 4)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
+    ap.add_argument("--set", choices=("file", "folder"), default="file",
+                    help="weight set: file (seed-0 LDM single file) or folder (seed-1 diffusers folder + OSEDiff .pkl)")
+    ap.add_argument("--files-dir", default=None,
+                    help="where the weight sets are written once and reused (default: a folder in the temp dir)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
     import torch
 
-    from bench.models import build_pipeline  # identical random SD2.1-size weights to bench/pipeline.py
-
+    from bench.models import build_pipeline, default_files_dir, sd21_diffusers_set, sd21_single_file
+    from headsup_core.loading.build import build_model
+    from headsup_core.pipeline import HeadsUpPipeline
     from headsup_core.tiling import TilePlan
 
     torch.set_grad_enabled(False)
     lq, source = _image(args.size // 4)
-    pipe = build_pipeline("sd21", None, torch.device("cpu"), torch.float32, 0)
+    files = args.files_dir or default_files_dir()
+    if args.set == "file":  # identical random SD2.1-size weights to bench/pipeline.py
+        sd21_single_file(files, 0)
+        pipe = build_pipeline("sd21", files, torch.device("cpu"), "fp32", 0, defaults=False)
+    else:
+        base, weights = sd21_diffusers_set(files, seed=1)
+        m, info = build_model(base, weights, "cpu", "fp32", weight_dtype="fp32")
+        m.to(memory_format=torch.contiguous_format)
+        pipe = HeadsUpPipeline(m, info.pop("text_encoder_loader"), info)
+        pipe.model.default_prompt_embeds = torch.randn(1, 77, pipe.model.cross_attention_dim,
+                                                       generator=torch.Generator().manual_seed(8))
+    source += f", weight set {args.set}"
     model = pipe.model
     untiled = TilePlan(encoder_tile=10**5, unet_tile=10**5, decoder_tile=10**5)
     captured = {}

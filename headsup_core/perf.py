@@ -3,8 +3,8 @@
 CPU, when the dtype is left on auto:
 * channels_last for the UNet and the VAE (fp32 channels_last is 80 dB from contiguous fp32: rounding only; the
   UNet runs about 2x faster, the VAE stages 5-15%);
-* the stages precision.py puts in bf16 (the VAE on CPUs with native bf16; ``HEADSUP_CPU_BF16`` overrides), the
-  UNet and the x0 update in fp32; the measurements behind that choice are in precision.py;
+* the stages precision.py puts in bf16 (the VAE decoder on CPUs with native bf16; ``HEADSUP_CPU_BF16`` overrides), the
+  encoder, the UNet and the x0 update in fp32; the measurements behind that choice are in precision.py;
 * the VAE decoder's nearest-x2 + 3x3 conv upsamplers run polyphase (``headsup_core/upsample.py``: exact, 4/9 of
   the MACs; bench/upsample.py, ~2x per upsampler at the decoder's shapes). Not the UNet's: at its shapes (1280
   channels, 8-32 px) it measured no faster and its derived kernels would hold ~240 MB more. Any dtype.

@@ -52,18 +52,23 @@ class HeadsUpPipeline:
     @classmethod
     def from_files(cls, base, weights=None, device=None, dtype=None, prediction_type: str | None = None,
                    sample_latent: bool = False, configs: dict | None = None,
-                   tag_source: Callable | None = None, weight_dtype: str | None = "auto") -> "HeadsUpPipeline":
+                   tag_source: Callable | None = None, weight_dtype: str | None = "auto",
+                   compute_device=None) -> "HeadsUpPipeline":
         """Load the SD2.x ``base`` (diffusers folder or single file) and HeadsUp/OSEDiff ``weights``.
 
         Conditioning (OSEDiff's): the embedding stored in the weights, else the base's text encoder applied to
         ``", ,"`` (OSEDiff's prompt form with no tags and no prompt). ``configs`` overrides the shipped SD2
         configs for single files (``{"unet", "vae", "text_encoder"}``). ``dtype`` is the compute dtype (default:
         per device and stage), ``weight_dtype`` the dtype the UNet's weights are kept in (``auto``: the compute
-        dtype, or fp16 on a CPU whose memory budget is short; see loading/dtypes.py).
+        dtype, or fp16 on a CPU whose memory budget is short; see loading/dtypes.py). ``compute_device``: the
+        device the model will run on when it is built on another (a host's offload device): precision and formats
+        are chosen for it (default: ``device``).
         """
         model, info = build_model(base, weights, device, dtype, prediction_type=prediction_type,
-                                  sample_latent=sample_latent, configs=configs, weight_dtype=weight_dtype)
-        info["formats"] = apply_cpu_defaults(model, model.device, dtype)  # measured CPU formats (inference only)
+                                  sample_latent=sample_latent, configs=configs, weight_dtype=weight_dtype,
+                                  compute_device=compute_device)
+        run = model.device if compute_device is None else torch.device(compute_device)
+        info["formats"] = apply_cpu_defaults(model, run, dtype)  # measured CPU formats (inference only)
         return cls(model, info.pop("text_encoder_loader"), info, tag_source=tag_source)
 
     def to(self, device=None, dtype=None) -> "HeadsUpPipeline":

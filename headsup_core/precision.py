@@ -5,12 +5,13 @@ stage is retried in fp32. Every front end asks here (CLI/library ``pick_dtype``,
 * **Compute, GPU:** fp16 (``auto``). Not bf16: the one-step update multiplies the error in the UNet's eps by
   sqrt(1-a)/sqrt(a) = 14.6 at t=999, and bf16's 8-bit mantissa costs far more than fp16's 11 bits
   (docs/benchmark.md, "Precision"); OSEDiff runs in fp16.
-* **Compute, CPU:** fp32, except the VAE (encoder and decoder) in bf16 on CPUs with native bf16 (AVX512-BF16 or
-  AMX, read from the CPU flags, never assumed): the stages whose bf16 output stays >= 40 dB PSNR from fp32
-  (SD2.1-size architecture, random weights: decoder 44.7 dB at 512²; encoder and decoder 41.5 dB at 512², 40.8 dB
-  at 1024²; UNet bf16 only 28 dB: the one-step update multiplies eps errors ~14.6x, so it stays fp32). The
-  margin is thin and was not checked on trained weights. ``HEADSUP_CPU_BF16`` overrides the bf16 stages: a
-  comma list of ``encoder``, ``decoder``, ``unet``, or ``none`` (``decoder``: encoder in fp32, ~2x slower).
+* **Compute, CPU:** fp32, except the VAE decoder in bf16 on CPUs with native bf16 (AVX512-BF16 or AMX, read
+  from the CPU flags, never assumed). Not the encoder and not the UNet: the x0 update divides the encoded latent
+  by sqrt(a) and multiplies eps by sqrt(1-a)/sqrt(a) (14.6 at t=999), so their errors are amplified alike. The rule
+  is "worst case >= 40 dB PSNR from fp32 on two independent weight sets" (bench/precision.py: the seed-0 LDM
+  single file and a seed-1 diffusers folder with OSEDiff-format LoRA; figures in docs/benchmark.md, "Precision"):
+  the decoder passes on both; the encoder fell to 32.9 dB on the second set, the UNet to 28 dB.
+  ``HEADSUP_CPU_BF16`` overrides the bf16 stages: a comma list of ``encoder``, ``decoder``, ``unet``, or ``none``.
 * **Storage:** the compute dtype, unless memory is short: on a CPU, when the fp32 weights would take more than
   ``STORAGE_SHARE`` of the memory budget, the UNet keeps its weights in fp16 and each layer is cast up for its
   own forward. ``weight_dtype`` chooses it outright. The VAE always stores what it computes in.
@@ -34,7 +35,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32")  # what front ends (ComfyUI widget, CLI) offer
 ENV_BF16 = "HEADSUP_CPU_BF16"
-CPU_BF16_STAGES = ("encoder", "decoder")
+CPU_BF16_STAGES = ("decoder",)  # not the encoder: the x0 update amplifies its error like the UNet's
 STAGE_NAMES = ("encoder", "decoder", "unet")
 STAGES = ("unet", "encoder", "decoder")
 NARROW_STAGES = ("unet",)  # the stages whose weights may be stored narrower than they compute
@@ -57,21 +58,22 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
     return DTYPES[dtype]
 
 
-def host_dtype(choice: str | None, device: torch.device, *, host: torch.dtype | None = None,
-               bf16_ok: bool = False, fp16_ok: bool = False, no_half: bool = False) -> torch.dtype:
-    """The dtype a host-managed pipeline runs in (ComfyUI's loader widget, A1111's device dtype): a named
-    ``choice`` as it is; on a CPU or with ``no_half``, fp32; else the host's own dtype when it has one, else
-    bf16 / fp16 where the host says the device supports it, else fp32."""
+def host_dtype(choice: str | None, device: torch.device, *, fp16_ok: bool = True, bf16_ok: bool = False,
+               no_half: bool = False) -> torch.dtype | None:
+    """The compute dtype of a pipeline a host runs (ComfyUI's HeadsUpLoader widget, A1111/Forge): a named
+    ``choice`` as it is; on a CPU, ``None`` (the per-stage CPU policy of ``compute_dtypes``); with ``no_half``,
+    fp32; on a GPU fp16 where the host says the device has it (the same as the library's ``auto``), bf16 only
+    where fp16 is missing, else fp32. Never bf16 first: see the module docstring."""
     if choice not in (None, "auto"):
         return pick_dtype(choice, device)
-    if torch.device(device).type == "cpu" or no_half:
+    if torch.device(device).type == "cpu":
+        return None
+    if no_half:
         return torch.float32
-    if host is not None:
-        return host
-    if bf16_ok:
-        return torch.bfloat16
     if fp16_ok:
         return torch.float16
+    if bf16_ok:
+        return torch.bfloat16
     return torch.float32
 
 

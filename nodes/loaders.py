@@ -131,7 +131,8 @@ class HeadsUpLoader(io.ComfyNode):
         handle = _MODEL_CACHE.get(key)
         if handle is None:
             log.info("HeadsUp: loading %s on %s (%s)", weights, base, torch_dtype)
-            pipe = HeadsUpPipeline.from_files(base_path, weights_path, device=offload_device, dtype=torch_dtype)
+            pipe = HeadsUpPipeline.from_files(base_path, weights_path, device=offload_device, dtype=torch_dtype,
+                                              compute_device=load_device)
             patcher = make_patcher(pipe, load_device, offload_device)
             handle = HeadsUpHandle(pipe=pipe, patcher=patcher, name=f"{weights} on {base}")
         _remember(_MODEL_CACHE, key, handle)

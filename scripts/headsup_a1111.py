@@ -133,7 +133,8 @@ def weights_scale(path: str) -> int:
 
 
 def _device_dtype():
-    """A1111's device, and the dtype precision.py picks from its dtype and --no-half."""
+    """A1111's device, and the compute dtype precision.py picks for it (fp16 on a GPU, fp32 with --no-half, the
+    CPU's per-stage policy on a CPU: ``None``)."""
     import torch
     from headsup_core.precision import host_dtype
 
@@ -142,7 +143,7 @@ def _device_dtype():
         dev = devices.get_optimal_device()
     dev = torch.device(dev or "cpu")
     no_half = bool(getattr(getattr(shared, "cmd_opts", None), "no_half", False))
-    return dev, host_dtype(None, dev, host=getattr(devices, "dtype", None) or torch.float32, no_half=no_half)
+    return dev, host_dtype(None, dev, no_half=no_half)
 
 
 def forge_prepare_free_memory():
@@ -278,10 +279,13 @@ class UpscalerHeadsUp(_upscaler.Upscaler):
     def load_model(self, path: str):
         from headsup_core import HeadsUpPipeline
 
-        key = (find_base(self.model_path), path)
+        dev, dtype = _device_dtype()
+        key = (find_base(self.model_path), path, str(dev), str(dtype))
         if key not in _CACHE:
             _CACHE.clear()  # one pipeline at a time
-            _CACHE[key] = HeadsUpPipeline.from_files(key[0], weights=path, device="cpu")
+            # built on the CPU (A1111 moves it per run) with the precision of the device that will run it
+            _CACHE[key] = HeadsUpPipeline.from_files(key[0], weights=path, device="cpu", dtype=dtype,
+                                                     compute_device=dev)
         return _CACHE[key]
 
     def do_upscale(self, img, selected_model):

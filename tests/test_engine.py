@@ -158,11 +158,11 @@ def test_overlap_rules_are_written_once():
 def test_host_dtypes_come_from_precision():
     cuda = torch.device("cuda")
     assert precision.host_dtype("fp16", torch.device("cpu")) == torch.float16  # a named choice is kept
-    assert precision.host_dtype(None, torch.device("cpu"), host=torch.float16) == torch.float32
-    assert precision.host_dtype(None, cuda, host=torch.float16, no_half=True) == torch.float32
-    assert precision.host_dtype("auto", cuda, bf16_ok=True, fp16_ok=True) == torch.bfloat16
-    assert precision.host_dtype("auto", cuda, fp16_ok=True) == torch.float16
-    assert precision.host_dtype("auto", cuda) == torch.float32
+    assert precision.host_dtype(None, torch.device("cpu")) is None  # the CPU's per-stage policy
+    assert precision.host_dtype(None, cuda, no_half=True) == torch.float32
+    assert precision.host_dtype("auto", cuda, bf16_ok=True, fp16_ok=True) == torch.float16  # never bf16 first
+    assert precision.host_dtype("auto", cuda, fp16_ok=False, bf16_ok=True) == torch.bfloat16
+    assert precision.host_dtype("auto", cuda, fp16_ok=False) == torch.float32
 
 
 def test_the_backends_implement_the_protocol(tiny_pipe):

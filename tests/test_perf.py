@@ -1,5 +1,6 @@
-"""Measured CPU defaults (headsup_core/perf.py): channels_last, bf16 only for the VAE (encoder and decoder) and
-only on CPUs with native bf16, the UNet in fp32; and the bf16 stage's NaN retry."""
+"""Measured CPU defaults (headsup_core/perf.py): channels_last, bf16 only for the VAE decoder and only on CPUs with
+native bf16, the encoder and the UNet in fp32 (the x0 update amplifies their errors); and the bf16 stage's NaN
+retry."""
 from __future__ import annotations
 
 import logging
@@ -20,12 +21,12 @@ def test_cpu_defaults_by_stage(tiny_models, monkeypatch):
     monkeypatch.setattr(precision, "cpu_native_bf16", lambda flags=None: True)
     pipe = HeadsUpPipeline.from_files(tiny_models["base"], tiny_models["headsup"], device="cpu")
     m = pipe.model
-    assert pipe.source["formats"] == {"channels_last": True, "polyphase_upsample": 3, "encoder": "bf16",
-                                      "decoder": "bf16"}
-    assert (m.decoder_dtype, m.encoder_dtype, m.dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)
-    assert m.vae.post_quant_conv.weight.dtype == m.vae.quant_conv.weight.dtype == torch.bfloat16
+    assert pipe.source["formats"] == {"channels_last": True, "polyphase_upsample": 3, "decoder": "bf16"}
+    assert (m.decoder_dtype, m.encoder_dtype, m.dtype) == (torch.bfloat16, torch.float32, torch.float32)
+    assert m.vae.post_quant_conv.weight.dtype == torch.bfloat16 and m.vae.quant_conv.weight.dtype == torch.float32
     # read from the file in these dtypes: the loader's record agrees
-    assert pipe.source["dtypes"]["encoder"] == {"compute": "bfloat16", "storage": "bfloat16"}
+    assert pipe.source["dtypes"]["decoder"] == {"compute": "bfloat16", "storage": "bfloat16"}
+    assert pipe.source["dtypes"]["encoder"] == {"compute": "float32", "storage": "float32"}
     assert m.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     img = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
     out = pipe.upscale(img, 2, color_fix="none").astype(np.float64)
@@ -39,9 +40,9 @@ def test_cpu_defaults_by_stage(tiny_models, monkeypatch):
     plain = HeadsUpPipeline.from_files(tiny_models["base"], tiny_models["headsup"], device="cpu")
     assert plain.model.decoder_dtype == torch.float32
     monkeypatch.setattr(precision, "cpu_native_bf16", lambda flags=None: True)
-    monkeypatch.setenv(precision.ENV_BF16, "decoder")
-    dec = HeadsUpPipeline.from_files(tiny_models["base"], tiny_models["headsup"], device="cpu")
-    assert dec.model.encoder_dtype == torch.float32 and dec.model.decoder_dtype == torch.bfloat16
+    monkeypatch.setenv(precision.ENV_BF16, "encoder,decoder")  # the override still reaches the encoder
+    both = HeadsUpPipeline.from_files(tiny_models["base"], tiny_models["headsup"], device="cpu")
+    assert both.model.encoder_dtype == torch.bfloat16 and both.model.decoder_dtype == torch.bfloat16
 
 
 def test_polyphase_upsamplers_only_in_the_vae_decoder(tiny_models):

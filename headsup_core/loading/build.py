@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
+
 from .. import devices
 from ..licences import describe_licence
 from ..model import HeadsUpModel
@@ -19,7 +21,7 @@ log = logging.getLogger("headsup")
 
 def build_model(base, weights=None, device=None, dtype=None, *, prediction_type: str | None = None,
                 sample_latent: bool = False, configs: dict | None = None,
-                weight_dtype: str | None = "auto") -> tuple[HeadsUpModel, dict[str, Any]]:
+                weight_dtype: str | None = "auto", compute_device=None) -> tuple[HeadsUpModel, dict[str, Any]]:
     """Load the SD2.x ``base`` (diffusers folder or single file), apply HeadsUp/OSEDiff ``weights`` (LoRA merged,
     conv_in widened), and set OSEDiff's conditioning: the embedding stored in the weights, else the base's text
     encoder on ``", ,"``. ``configs`` overrides the shipped SD2 configs for single files
@@ -34,8 +36,11 @@ def build_model(base, weights=None, device=None, dtype=None, *, prediction_type:
     (None without one).
     """
     dev = devices.pick_device(device)
-    compute = compute_dtypes(dev, dtype)
-    storage = storage_dtypes(dev, compute, weight_dtype, 4 * base_param_count(base))
+    # Precision follows the device that computes, not the one that holds the weights (a host may build on its
+    # offload device, the CPU, for a GPU run).
+    run = torch.device(compute_device) if compute_device is not None else dev
+    compute = compute_dtypes(run, dtype)
+    storage = storage_dtypes(run, compute, weight_dtype, 4 * base_param_count(base))
     base_models = load_base(base, prediction_type, configs=configs, dtypes=storage)
     pred, timestep, embeds, meta = base_models.prediction_type, 999, None, {}
     if weights is not None:

@@ -180,6 +180,24 @@ def _randomise_lora(module, seed: int, std: float = 0.02) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
+def write_osediff_pkl(path: str | os.PathLike, unet, vae, rank: int = 4, seed: int = 0, std: float = 0.02) -> Path:
+    """An OSEDiff ``.pkl`` for ``unet``/``vae`` (4-channel UNet; conv_in included): LoRA adapters with random
+    (non-zero) ``lora_B``, saved the way OSEDiff's ``save_model`` does. Adds the adapters to the modules given."""
+    from ..loading.surgery import add_osediff_adapters
+
+    targets = add_osediff_adapters(unet, vae, rank, rank)
+    _randomise_lora(unet, seed, std)
+    _randomise_lora(vae, seed + 1, std)
+    torch.save({
+        "vae_lora_encoder_modules": targets["vae_encoder"], "unet_lora_encoder_modules": targets["unet_encoder"],
+        "unet_lora_decoder_modules": targets["unet_decoder"], "unet_lora_others_modules": targets["unet_others"],
+        "rank_unet": rank, "rank_vae": rank,
+        "state_dict_unet": {k: v for k, v in unet.state_dict().items() if "lora" in k or "conv_in" in k},
+        "state_dict_vae": {k: v for k, v in vae.state_dict().items() if "lora" in k},
+    }, path)
+    return Path(path)
+
+
 def make_tiny(folder: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
     """Write every tiny model under ``folder`` and return their paths."""
     from safetensors.torch import save_file
@@ -204,18 +222,8 @@ def make_tiny(folder: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / name), metadata=meta)
     (folder / "configs.json").write_text(json.dumps(configs, indent=1))
 
-    # OSEDiff .pkl: adapters on the 4-channel UNet (conv_in included), saved the way OSEDiff's save_model does.
     o_unet, o_vae = _tiny_models(seed)
-    targets = add_osediff_adapters(o_unet, o_vae, 4, 4)
-    _randomise_lora(o_unet, seed + 1)
-    _randomise_lora(o_vae, seed + 2)
-    torch.save({
-        "vae_lora_encoder_modules": targets["vae_encoder"], "unet_lora_encoder_modules": targets["unet_encoder"],
-        "unet_lora_decoder_modules": targets["unet_decoder"], "unet_lora_others_modules": targets["unet_others"],
-        "rank_unet": 4, "rank_vae": 4,
-        "state_dict_unet": {k: v for k, v in o_unet.state_dict().items() if "lora" in k or "conv_in" in k},
-        "state_dict_vae": {k: v for k, v in o_vae.state_dict().items() if "lora" in k},
-    }, folder / "osediff.pkl")
+    write_osediff_pkl(folder / "osediff.pkl", o_unet, o_vae, rank=4, seed=seed + 1)
 
     # HeadsUp checkpoint: widened conv_in whose reference/mask channels are live (not zero) for tests.
     h_unet, h_vae = _tiny_models(seed)
