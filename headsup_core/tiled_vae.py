@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import spill
+from .devices import return_freed_memory
 from .memory import STORE_CH
 from .tiling import Tile, exact_grid
 
@@ -297,6 +298,8 @@ def run_exact(forward: Callable, vae, x: torch.Tensor, *, in_factor: int, out_fa
                     hands[i].append(_apply_norm(module, slot.take().to(compute_device), mean, var))
                     del slot
                     advance(i, following)
+                    if ram_budget is not None:
+                        return_freed_memory()
             else:
                 kv = _keys_values(module, current.full) if global_attention else None
                 current.full = None
@@ -305,6 +308,8 @@ def run_exact(forward: Callable, vae, x: torch.Tensor, *, in_factor: int, out_fa
                     hands[i].append(_attend(module, slot.take().to(compute_device), kv))
                     del slot
                     advance(i, following)
+                    if ram_budget is not None:
+                        return_freed_memory()
                 del kv
             current = following
             step += 1
