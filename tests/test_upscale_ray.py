@@ -10,13 +10,10 @@ from PIL import Image
 
 from headsup_core.cli import main
 
-pytest.importorskip("ray")
-
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import ray
-
+    ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)
     yield ray
     ray.shutdown()
@@ -58,3 +55,21 @@ def test_ray_engine_bad_actor_count_is_one_sentence(tmp_path, capsys):
                  "--ray-actors", "0", "--faces", "none"]) != 0
     err = capsys.readouterr().err
     assert "--ray-actors must be 1 or more" in err and "Traceback" not in err
+
+
+def test_ray_engine_without_ray_names_the_extra(monkeypatch, tmp_path, capsys):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_ray(name, *a, **k):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("no ray")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    assert main(["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--engine", "ray",
+                 "--faces", "none"]) != 0
+    err = capsys.readouterr().err
+    assert 'comfyui-headsup[scale]' in err and "Traceback" not in err and not (tmp_path / "o").exists()
