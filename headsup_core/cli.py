@@ -271,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="refuse inputs above N pixels, Pillow's decompression-bomb guard (default "
                     "$HEADSUP_MAX_PIXELS, else 89478485)")
     up.add_argument("--engine", choices=["local", "ray"], default="local",
-                    help="ray: upscale the files on a Ray cluster, one pipeline actor per GPU (needs the scale extra)")
+                    help="ray: upscale the files on a Ray cluster, one pipeline actor per GPU "
+                    "(needs the scale extra)")
     up.add_argument("--ray-address", help="with --engine ray: join this cluster (auto, ray://HEAD:10001); "
                     "default: start a local Ray")
     up.add_argument("--ray-actors", type=int, default=None, metavar="N",
