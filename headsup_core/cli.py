@@ -94,6 +94,10 @@ def cmd_upscale(args) -> int:
     single = len(jobs) == 1 and not any(Path(i).is_dir() for i in args.inputs)
     todo = [job for job in jobs if not job.skip]
     remove_stale_spill_dirs()
+    if args.engine == "ray":  # the same jobs and files, on a Ray cluster (batch_ray)
+        from .batch_ray import run_ray_batch
+
+        return run_ray_batch(jobs, todo, args, options)
     done, failed = 0, []
     with StopRequest() as stop:
         if todo:
@@ -251,6 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--max-pixels", type=int, default=None, metavar="N",
                     help="refuse inputs above N pixels, Pillow's decompression-bomb guard (default "
                     "$HEADSUP_MAX_PIXELS, else 89478485)")
+    up.add_argument("--engine", choices=["local", "ray"], default="local",
+                    help="ray: upscale the files on a Ray cluster, one pipeline actor per GPU "
+                    "(needs the scale extra)")
+    up.add_argument("--ray-address", help="with --engine ray: join this cluster (auto, ray://HEAD:10001); "
+                    "default: start a local Ray")
+    up.add_argument("--ray-actors", type=int, default=None, metavar="N",
+                    help="with --engine ray: pipeline actors (default: one per GPU, else 1)")
     up.add_argument("-q", "--quiet", action="store_true", help="no progress bar, summary or informational lines (warnings and errors still show)")
     up.set_defaults(func=cmd_upscale)
 

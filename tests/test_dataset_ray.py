@@ -70,6 +70,7 @@ def ray_session():
     ray = pytest.importorskip("ray")
     pytest.importorskip("faiss")
     pytest.importorskip("pyarrow")
+    pytest.importorskip("webdataset")
     import sys
 
     from ray import cloudpickle
@@ -139,7 +140,7 @@ def _identity_factory():
 
 def test_ray_engine_equals_local(ray_session, faces_dir, tmp_path):
     from headsup_core.train.dataset_ray import RayOptions, build_dataset_ray
-    from headsup_core.train.shards import index_shards
+    from headsup_core.train.shards import index_shards, read_member, shard_member_path
 
     src, factory, ident = faces_dir["src"], faces_dir["factory"], _identity_factory()
     local = build_dataset([src], tmp_path / "local", _opts(), analyzer=factory(), scorer=_mean_quality(),
@@ -160,11 +161,19 @@ def test_ray_engine_equals_local(ray_session, faces_dir, tmp_path):
     for e in idx.values():
         j = e["json"]
         assert j["split"] == kept[j["path"]]["split"]
-        off, size, _ = e["image"]
-        with open(e["tar"], "rb") as fh:
-            fh.seek(off)
-            assert fh.read(size) == Path(j["path"]).read_bytes()
+        assert read_member(shard_member_path(e)) == Path(j["path"]).read_bytes()
     assert any(j["json"]["references"] for j in idx.values())
+    # any WebDataset reader sees one sample per kept image: its JSON and the source file's bytes
+    import webdataset as wds
+
+    tars = sorted(str(t) for t in (tmp_path / "ray" / "shards").glob("*.tar"))
+    streamed = list(wds.WebDataset(tars, shardshuffle=False))
+    assert [s["__key__"] for s in streamed] == sorted(idx)
+    for s in streamed:
+        j = json.loads(s["json"])
+        ext = Path(j["path"]).suffix.lower().lstrip(".")
+        assert set(s) - {"__key__", "__url__", "__local_path__"} == {"json", ext}
+        assert s[ext] == Path(j["path"]).read_bytes() and j == idx[s["__key__"]]["json"]
     import pyarrow.parquet as pq
 
     t = pq.read_table(tmp_path / "ray" / "manifest.parquet").to_pylist()
@@ -174,6 +183,18 @@ def test_ray_engine_equals_local(ray_session, faces_dir, tmp_path):
                               ray_options=ro, progress=False, identity_factory=ident)
     assert again["analysed_this_run"] == 0 and again["shards"]["written"] == 0
     assert _read(tmp_path / "ray") == _read(tmp_path / "local")
+
+
+def test_exact_duplicates_group_by_equals_local(ray_session):
+    from headsup_core.train.dataset import exact_duplicates
+    from headsup_core.train.dataset_ray import RayOptions, exact_duplicates_ray
+
+    rng = np.random.default_rng(4)
+    hashes = {int(i): f"{int(v):064x}" for i, v in zip(rng.choice(5000, 600, replace=False), rng.integers(0, 150, 600))}
+    ref = exact_duplicates(hashes)
+    assert len(ref) > 400 and all(hashes[i] == hashes[j] and j < i for i, j in ref.items())
+    assert exact_duplicates_ray(hashes, RayOptions()) == ref
+    assert exact_duplicates_ray({7: "ab"}, RayOptions()) == {} and exact_duplicates_ray({}, RayOptions()) == {}
 
 
 def test_ray_engine_reads_tar_shards_and_lists(ray_session, faces_dir, tmp_path):

@@ -93,6 +93,50 @@ def test_shard_samples_match_the_manifest(shard_set):
     assert torch.equal(a["gt"], b["gt"]) and torch.equal(a["canvas"], b["canvas"])
 
 
+def test_shard_index_is_required_and_old_indexes_are_rewritten(shard_set, tmp_path):
+    """Shards are found through index.json's sample offsets: without them the reader says to rebuild, and the
+    writer rewrites a shard whose index entry lacks them (an older build); a tar whose bytes moved is caught."""
+    import shutil
+
+    from headsup_core.errors import HeadsUpError
+    from headsup_core.train.shards import index_shards, write_shards
+
+    ds = tmp_path / "ds"
+    shutil.copytree(shard_set["root"] / "ds", ds)
+    index_file = ds / "shards" / "index.json"
+    good = json.loads(index_file.read_text())
+    old = {k: {"digest": v["digest"], "images": v["images"]} for k, v in good.items()}
+    index_file.write_text(json.dumps(old))
+    with pytest.raises(HeadsUpError, match="rebuild"):
+        index_shards(ds / "shards")
+    recs = [json.loads(x) for x in (ds / "manifest.jsonl").read_text().splitlines()]
+    pairs = [json.loads(x) for x in (ds / "pairs.jsonl").read_text().splitlines()]
+    assert write_shards(ds, recs, pairs, shard_size=2)["written"] == len(good)
+    assert json.loads(index_file.read_text()) == good and len(index_shards(ds / "shards")) == shard_set["kept"]
+    moved = {k: {**v, "offsets": {key: off + 512 for key, off in v["offsets"].items()}} for k, v in good.items()}
+    index_file.write_text(json.dumps(moved))
+    with pytest.raises(HeadsUpError, match="does not match its index"):
+        index_shards(ds / "shards")
+
+
+def test_shards_without_webdataset_name_the_extra(monkeypatch, tmp_path):
+    import builtins
+
+    from headsup_core.errors import MissingDependencyError
+    from headsup_core.train.shards import read_member
+
+    real = builtins.__import__
+
+    def no_wds(name, *a, **k):
+        if name == "webdataset" or name.startswith("webdataset."):
+            raise ImportError("no webdataset")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_wds)
+    with pytest.raises(MissingDependencyError, match=r"comfyui-headsup\[scale\]"):
+        read_member(f"{tmp_path / 'x.tar'}#0")
+
+
 def _write_cfg(path: Path, shard_set, out: Path, batch_size: int, steps: int = 4):
     import yaml
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import struct
 import warnings
 from dataclasses import dataclass, field
 
@@ -79,7 +80,10 @@ def icc_description(icc: bytes | None) -> str:
 def srgb_icc() -> bytes:
     from PIL import ImageCms
 
-    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    # littleCMS stamps the creation time into the header (bytes 24-35); a fixed date keeps outputs reproducible
+    # across runs and processes (the profile ID, which would cover it, is left unset, zero)
+    return icc[:24] + struct.pack(">6H", 2024, 1, 1, 0, 0, 0) + icc[36:]
 
 
 def quiet_exif(image):

@@ -44,7 +44,7 @@ def format_prompt(tags: str = "", prompt: str = "") -> str:
 
 def load_shard_samples(shards, split: str = "train") -> tuple[list[Sample], list[str]]:
     """Kept images of ``split`` from the builder's WebDataset shards (``shards.py``), in key order, and the shard
-    of each (for shard-local reading order). Images are read from the tars (``wds:TAR#OFFSET:SIZE`` paths)."""
+    of each (for shard-local reading order). Images are read from the tars (``wds:TAR#OFFSET`` paths)."""
     from .shards import index_shards, shard_member_path
 
     index = index_shards(shards)
@@ -94,7 +94,7 @@ def load_samples(manifest=None, folders=(), split: str = "train") -> list[Sample
 
 
 def _read_rgb(path: str) -> np.ndarray:
-    """An image file, or a member of a WebDataset shard (``wds:TAR#OFFSET:SIZE``)."""
+    """An image file, or a member of a WebDataset shard (``wds:TAR#OFFSET``)."""
     import io
 
     from PIL import Image, ImageOps

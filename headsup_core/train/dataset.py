@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import HeadsUpError
 from .neighbours import UnionFind as _UnionFind
+from .neighbours import group_identities, near_duplicates
 from .quality import make_pyiqa_scorer
 
 log = logging.getLogger(__name__)
@@ -167,44 +168,6 @@ def analyse_image(path: Path, opts: BuildOptions, analyzer, scorer, identity=Non
 
 
 # ---------------------------------------------------------------- whole-set rules
-def _popcount(x: np.ndarray) -> np.ndarray:
-    return np.bitwise_count(x) if hasattr(np, "bitwise_count") else np.unpackbits(x.view(np.uint8), axis=-1).sum(-1)
-
-
-def near_duplicates(hashes: list[str], order: list[int], max_bits: int) -> dict[int, int]:
-    """{dropped index: kept index}; images are visited in ``order`` (best first) and the first one wins."""
-    h = np.array([int(x, 16) for x in hashes], dtype=np.uint64)
-    dropped: dict[int, int] = {}
-    kept_h, kept_i, n = np.zeros(len(h), np.uint64), np.zeros(len(h), np.int64), 0
-    for i in order:
-        if n:
-            d = _popcount(np.bitwise_xor(kept_h[:n], h[i]))
-            j = int(np.argmin(d))
-            if d[j] <= max_bits:
-                dropped[i] = int(kept_i[j])
-                continue
-        kept_h[n], kept_i[n], n = h[i], i, n + 1
-    return dropped
-
-
-def group_identities(face_img: np.ndarray, emb: np.ndarray, thr: float, chunk: int = 4096,
-                     identity_kind: str = "arcface"):
-    """Cross-image face links (identity similarity >= thr on the common scale of ``faces.identity``), face
-    identity ids (connected components) and the link list."""
-    from ..faces.identity import to_common
-
-    n = len(face_img)
-    uf, links = _UnionFind(n), []
-    for a in range(0, n, chunk):
-        sim = to_common(emb[a:a + chunk] @ emb.T, identity_kind)
-        for i, j in zip(*np.nonzero(sim >= thr)):
-            i = int(i) + a
-            if j > i and face_img[i] != face_img[j]:
-                uf.union(i, int(j))
-                links.append((i, int(j), float(sim[i - a, j])))
-    return [uf.find(i) for i in range(n)], links
-
-
 def split_groups(groups: dict[int, list[int]], test_fraction: float, seed: int) -> dict[int, str]:
     """Whole identity groups go to test (seeded order) until the test fraction of images is reached."""
     rng = np.random.default_rng(seed)
@@ -289,18 +252,21 @@ def _reject(r, reason, detail):
     r["reject"], r["detail"] = reason, detail
 
 
-def apply_rules(recs: list[dict], opts: BuildOptions, q_note: str, near_fn=None, link_fn=None) -> dict:
-    """The whole-set rules. ``near_fn``/``link_fn`` replace ``near_duplicates``/``group_identities`` with
-    equivalents of the same signature (the Ray engine passes the nearest-neighbour ones of ``neighbours``)."""
+def exact_duplicates(hashes: dict[int, str]) -> dict[int, int]:
+    """{dropped index: kept index} over {record index: SHA-256}: the first index (sorted path) of a hash stays."""
+    first: dict[str, int] = {}
+    return {i: first[h] for i, h in sorted(hashes.items()) if first.setdefault(h, i) != i}
+
+
+def apply_rules(recs: list[dict], opts: BuildOptions, q_note: str, near_fn=None, link_fn=None,
+                exact_fn=None) -> dict:
+    """The whole-set rules. ``near_fn``/``link_fn``/``exact_fn`` replace ``near_duplicates``/
+    ``group_identities``/``exact_duplicates`` with equivalents of the same signature (the Ray engine passes
+    the nearest-neighbour ones of ``neighbours`` and a Ray Data group-by)."""
     near_fn, link_fn = near_fn or near_duplicates, link_fn or group_identities
-    seen: dict[str, str] = {}
-    for r in recs:  # exact duplicates: the first path (sorted) is kept
-        if "reject" in r:
-            continue
-        if r["sha256"] in seen:
-            _reject(r, "exact_duplicate", f"same bytes as {seen[r['sha256']]}")
-        else:
-            seen[r["sha256"]] = r["path"]
+    for i, j in (exact_fn or exact_duplicates)({i: r["sha256"] for i, r in enumerate(recs)
+                                                if "reject" not in r}).items():
+        _reject(recs[i], "exact_duplicate", f"same bytes as {recs[j]['path']}")
     for r in recs:
         if "reject" in r:
             continue

@@ -6,10 +6,11 @@
       -> faces, landmarks, identity        actor pool (detect_faces; models loaded once per actor, num_gpus)
       -> quality                           actor pool (the scorer on the quality copy)
       -> driver: appended to OUT/cache.jsonl as results stream in (a re-run skips finished images)
-    global stages on the driver, over metadata only: ``dataset.apply_rules`` with the nearest-neighbour searches
-    of ``neighbours`` (exact duplicates by a hash group-by, pHash and identity neighbours by faiss, identity
-    groups by union-find, the identity-disjoint split), then the outputs of the local engine plus WebDataset
-    shards (written by Ray tasks) and ``manifest.parquet``.
+    global stages, over metadata only: ``dataset.apply_rules`` with exact duplicates by a Ray Data group-by on
+    the SHA-256 (``exact_duplicates_ray``) and the nearest-neighbour searches of ``neighbours`` on the driver
+    (pHash and identity neighbours by faiss, identity groups by union-find, the identity-disjoint split),
+    then the outputs of the local engine plus WebDataset shards (written by Ray tasks) and
+    ``manifest.parquet``. docs/training.md states what runs on the driver and its limit.
 
 Full-resolution pixels exist only inside the decode task: what moves between operators is the encoded file
 (read -> decode) and the downscaled copies (``detect_size`` and ``quality_size`` long side). Ray Data's streaming
@@ -20,6 +21,7 @@ The per-image functions are the local builder's, so both engines give the same r
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from dataclasses import dataclass
@@ -223,8 +225,8 @@ def build_dataset_ray(sources, out, opts: D.BuildOptions | None = None, analyzer
     del analyzer, identity
     cache_path = out / "cache.jsonl"
     cache = D._load_cache(cache_path, key)
-    todo = [it for it in items if not (it["path"] in cache and cache[it["path"]]["bytes"] == it["bytes"]
-                                       and cache[it["path"]]["mtime"] == it["mtime"])]
+    todo = [it for it in items if not (it["path"] in cache and all(cache[it["path"]].get(k) == it.get(k)
+                                                                   for k in ("bytes", "mtime", "member_offset")))]
     if todo:
         with cache_path.open("a") as fh, tqdm(total=len(todo), desc="analysing images (ray)",
                                               disable=not progress) as bar:
@@ -237,7 +239,8 @@ def build_dataset_ray(sources, out, opts: D.BuildOptions | None = None, analyzer
                 cache[rec["path"]] = rec
                 bar.update(1)
     recs = [dict(cache[it["path"]]) for it in items]
-    summary = D.apply_rules(recs, opts, q_note, near_fn=near_duplicates_nn, link_fn=group_identities_nn)
+    summary = D.apply_rules(recs, opts, q_note, near_fn=near_duplicates_nn, link_fn=group_identities_nn,
+                            exact_fn=lambda hashes: exact_duplicates_ray(hashes, ro))
     summary["analysed_this_run"] = len(todo)
     pairs = list(summary["pairs"])
     D._write_outputs(out, recs, summary)
@@ -247,6 +250,25 @@ def build_dataset_ray(sources, out, opts: D.BuildOptions | None = None, analyzer
         summary["shards"] = write_shards(out, recs, pairs, ro.shard_size,
                                           map_fn=lambda f, xs: _ray_map(f, xs, ro))
     return summary
+
+
+def _keep_first_of_group(group):
+    """One SHA-256 group: every row but the lowest index (the first path) is an exact duplicate of it."""
+    first = int(group["i"].min())
+    return group.loc[group["i"] != first, ["i"]].assign(first=first)
+
+
+def exact_duplicates_ray(hashes: dict[int, str], ro: RayOptions) -> dict[int, int]:
+    """``dataset.exact_duplicates`` as a Ray Data group-by over the hashes (a hash shuffle across the cluster)."""
+    if not hashes:
+        return {}
+    ray = init_ray(ro)
+    blocks = max(1, min(256, len(hashes) // 100_000))
+    ds = ray.data.from_items([{"i": i, "sha256": h} for i, h in hashes.items()], override_num_blocks=blocks)
+    # Ray >= 2.41 takes the shuffle's partition count; its default (hundreds) is all overhead on small sets
+    kw = {"num_partitions": blocks} if "num_partitions" in inspect.signature(ds.groupby).parameters else {}
+    dups = ds.groupby("sha256", **kw).map_groups(_keep_first_of_group, batch_format="pandas")
+    return {int(r["i"]): int(r["first"]) for r in dups.iter_rows()}
 
 
 def _ray_map(fn, plans, ro: RayOptions):

@@ -37,6 +37,44 @@ class UnionFind:
             self.p[max(ra, rb)] = min(ra, rb)
 
 
+def _popcount(x: np.ndarray) -> np.ndarray:
+    return np.bitwise_count(x) if hasattr(np, "bitwise_count") else np.unpackbits(x.view(np.uint8), axis=-1).sum(-1)
+
+
+def near_duplicates(hashes: list[str], order: list[int], max_bits: int) -> dict[int, int]:
+    """{dropped index: kept index}; images are visited in ``order`` (best first) and the first one wins."""
+    h = np.array([int(x, 16) for x in hashes], dtype=np.uint64)
+    dropped: dict[int, int] = {}
+    kept_h, kept_i, n = np.zeros(len(h), np.uint64), np.zeros(len(h), np.int64), 0
+    for i in order:
+        if n:
+            d = _popcount(np.bitwise_xor(kept_h[:n], h[i]))
+            j = int(np.argmin(d))
+            if d[j] <= max_bits:
+                dropped[i] = int(kept_i[j])
+                continue
+        kept_h[n], kept_i[n], n = h[i], i, n + 1
+    return dropped
+
+
+def group_identities(face_img: np.ndarray, emb: np.ndarray, thr: float, chunk: int = 4096,
+                     identity_kind: str = "arcface"):
+    """Cross-image face links (identity similarity >= thr on the common scale of ``faces.identity``), face
+    identity ids (connected components) and the link list."""
+    from ..faces.identity import to_common
+
+    n = len(face_img)
+    uf, links = UnionFind(n), []
+    for a in range(0, n, chunk):
+        sim = to_common(emb[a:a + chunk] @ emb.T, identity_kind)
+        for i, j in zip(*np.nonzero(sim >= thr)):
+            i = int(i) + a
+            if j > i and face_img[i] != face_img[j]:
+                uf.union(i, int(j))
+                links.append((i, int(j), float(sim[i - a, j])))
+    return [uf.find(i) for i in range(n)], links
+
+
 def _faiss():
     try:
         import faiss

@@ -1,26 +1,59 @@
-"""WebDataset shards of the curated set, and the parquet manifest.
+"""WebDataset shards of the curated set, and the parquet manifest. The ``webdataset`` library (the ``scale``
+extra) writes and reads the tars.
 
-Layout (the WebDataset convention, readable by ``webdataset``/``img2dataset`` tools): ``OUT/shards/NNNNNN.tar``
-holding ``KEY.EXT`` (the source file's bytes, unchanged) and ``KEY.json`` per kept image. ``KEY`` is a
+Layout (the WebDataset convention): ``OUT/shards/NNNNNN.tar`` holding ``KEY.json`` then ``KEY.EXT`` (the source
+file's bytes, unchanged) per kept image; ``wds.WebDataset`` reads them as samples ``{"json", EXT}``. ``KEY`` is a
 global 9-digit index over the kept images in manifest order. The JSON has the manifest record (source ``path``,
 size, hashes, ``faces`` with bbox/kps/eye distance/``identity``, ``quality``, ``split``) plus ``key``, ``shard``
 and ``references``: ``{face index: [[reference key, reference face index, reference kps], ...]}`` from the pairs.
 ``OUT/manifest.parquet`` has one row per input image (kept and rejected) with ``shard``/``key`` for kept ones and
-the faces as a JSON string. A shard whose ``.tar`` exists with the same member list (``shards/index.json``) is
-not rewritten on a re-run.
+the faces as a JSON string.
+
+``OUT/shards/index.json`` records per shard its content digest (a re-run does not rewrite an unchanged shard)
+and the byte offset of each sample's first tar header, taken from the writer as it writes. The trainer needs
+random access: a global batch is a pure function of the step (``data.StepBatches``), which gives equal batches
+for any process count and an exact ``--resume`` without loader state; a stream split by node and worker would
+give neither. So a sample is read by seeking to its offset and letting webdataset's tar iterator parse the
+members from there (the JSON first, so indexing a shard never reads its images).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import tarfile
-import time
 from pathlib import Path
 
+from ..errors import HeadsUpError, MissingDependencyError
+
 SHARD_SIZE = 1000
+
+
+def _wds():
+    try:
+        import webdataset
+    except ImportError as e:
+        raise MissingDependencyError('WebDataset shards need webdataset; run `pip install "comfyui-headsup[scale]"`.') \
+            from e
+    return webdataset
+
+
+def read_members(tar, offset: int, count: int) -> list[tuple[str, bytes]]:
+    """``count`` members (name, bytes) of ``tar`` from the one whose header starts at ``offset``; webdataset's
+    tar iterator parses them, reading nothing past the last one asked for."""
+    tar_file_iterator = _wds().tariterators.tar_file_iterator
+    out = []
+    with open(tar, "rb") as fh:
+        fh.seek(offset)
+        try:
+            for member in tar_file_iterator(fh):
+                out.append((member["fname"], member["data"]))
+                if len(out) == count:
+                    break
+        except (tarfile.TarError, ValueError) as e:
+            raise OSError(f"{tar}: no tar member at offset {offset} ({e})") from e
+    return out
 
 
 def plan_shards(recs: list[dict], pairs: list[dict], shard_size: int = SHARD_SIZE) -> list[dict]:
@@ -39,14 +72,14 @@ def plan_shards(recs: list[dict], pairs: list[dict], shard_size: int = SHARD_SIZ
         name = f"{s // max(1, shard_size):06d}.tar"
         items = []
         for r in kept[s:s + shard_size]:
-            j = {k: v for k, v in r.items() if k not in ("key", "mtime", "offset", "status")}
+            j = {k: v for k, v in r.items() if k not in ("key", "mtime", "member_offset", "status")}
             j["faces"] = [{k: v for k, v in f.items() if k != "embedding"} for f in r.get("faces", [])]
             j.update(key=keys[r["path"]], shard=name,
                      references={str(k): refs[(r["path"], k)] for k in range(len(r.get("faces", [])))
                                  if (r["path"], k) in refs})
             item = {"path": r["path"], "bytes": r["bytes"]}
-            if r.get("offset") is not None:
-                item["offset"] = r["offset"]
+            if r.get("member_offset") is not None:
+                item["member_offset"] = r["member_offset"]
             items.append((item, j))
         plans.append({"shard": name, "items": items,
                       "digest": hashlib.sha1(json.dumps([j for _, j in items], sort_keys=True).encode())
@@ -59,22 +92,22 @@ def _ext(path: str) -> str:
 
 
 def write_shard(folder: Path, plan: dict) -> dict:
-    """Write one shard (atomically); returns {"shard", "digest", "images"}."""
+    """Write one shard (atomically); returns {"shard", "digest", "images", "offsets": {key: sample offset}}."""
     from .sources import read_bytes
 
+    wds = _wds()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / (plan["shard"] + ".tmp")
-    now = time.time()
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
+    offsets = {}
+    with open(tmp, "wb") as fh, wds.TarWriter(fh, encoder=False, mode=0o644) as sink:
         for item, j in plan["items"]:
-            for name, data in ((f"{j['key']}.{_ext(item['path'].rpartition('#')[2])}", read_bytes(item)),
-                               (f"{j['key']}.json", json.dumps(j, sort_keys=True).encode())):
-                info = tarfile.TarInfo(name)
-                info.size, info.mtime, info.mode = len(data), now, 0o644
-                tf.addfile(info, io.BytesIO(data))
+            offsets[j["key"]] = sink.tarstream.offset  # where this sample's first header starts
+            # two writes of one key: the JSON member goes first, so reading it never touches the image
+            sink.write({"__key__": j["key"], "json": json.dumps(j, sort_keys=True).encode()})
+            sink.write({"__key__": j["key"], _ext(item["path"].rpartition("#")[2]): read_bytes(item)})
     os.replace(tmp, folder / plan["shard"])
-    return {"shard": plan["shard"], "digest": plan["digest"], "images": len(plan["items"])}
+    return {"shard": plan["shard"], "digest": plan["digest"], "images": len(plan["items"]), "offsets": offsets}
 
 
 def write_shards(out: Path, recs: list[dict], pairs: list[dict], shard_size: int = SHARD_SIZE,
@@ -86,10 +119,10 @@ def write_shards(out: Path, recs: list[dict], pairs: list[dict], shard_size: int
     old = json.loads(index_file.read_text()) if index_file.is_file() else {}
     plans = plan_shards(recs, pairs, shard_size)
     todo = [p for p in plans if old.get(p["shard"], {}).get("digest") != p["digest"]
-            or not (folder / p["shard"]).is_file()]
+            or "offsets" not in old[p["shard"]] or not (folder / p["shard"]).is_file()]
     done = list((map_fn or (lambda f, xs: [f(x) for x in xs]))(lambda p: write_shard(folder, p), todo))
     index = {p["shard"]: old[p["shard"]] for p in plans if p not in todo}
-    index.update({d["shard"]: {"digest": d["digest"], "images": d["images"]} for d in done})
+    index.update({d["shard"]: {k: v for k, v in d.items() if k != "shard"} for d in done})
     for stale in set(old) - set(index):
         (folder / stale).unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
@@ -128,32 +161,39 @@ def write_parquet_manifest(path: Path, recs: list[dict], plans: list[dict]):
 
 # ---------------------------------------------------------------- reading (training)
 def index_shards(shards) -> dict[str, dict]:
-    """{key: {"tar", "image": (offset, size, ext), "json": record}} over shard files or folders of them."""
-    out = {}
+    """{key: {"tar", "offset", "json": record}} over shard files or folders of them, from the builder's
+    ``index.json`` beside them (each sample's JSON member is read, its image is not)."""
     files = []
     for s in map(Path, shards if isinstance(shards, (list, tuple)) else [shards]):
         files += sorted(s.glob("*.tar")) if s.is_dir() else [s]
+    indexes: dict[Path, dict] = {}
+    out = {}
     for f in files:
-        with tarfile.open(f, "r:") as tf:
-            for m in tf:
-                key, _, ext = m.name.rpartition(".")
-                e = out.setdefault(key, {"tar": str(f)})
-                if ext == "json":
-                    e["json"] = json.loads(tf.extractfile(m).read())
-                else:
-                    e["image"] = (m.offset_data, m.size, ext)
-    return {k: v for k, v in out.items() if "json" in v and "image" in v}
+        if f.parent not in indexes:
+            idx_file = f.parent / "index.json"
+            indexes[f.parent] = json.loads(idx_file.read_text()) if idx_file.is_file() else {}
+        offsets = indexes[f.parent].get(f.name, {}).get("offsets")
+        if offsets is None:
+            raise HeadsUpError(f"Shard {f} has no sample offsets in {f.parent / 'index.json'}; rebuild the shards "
+                               "with `headsup dataset build` (--engine ray, or --shard-size N).")
+        for key, off in sorted(offsets.items()):
+            try:
+                found = read_members(f, off, 1)
+            except OSError:
+                found = []
+            if not found or found[0][0] != f"{key}.json":
+                raise HeadsUpError(f"Shard {f} does not match its index.json (no {key}.json at offset {off}); "
+                                   "rebuild the shards.")
+            out[key] = {"tar": str(f), "offset": off, "json": json.loads(found[0][1])}
+    return out
 
 
 def shard_member_path(entry: dict) -> str:
-    """A path string the training reader understands: ``SHARD.tar#OFFSET:SIZE``."""
-    off, size, _ = entry["image"]
-    return f"{entry['tar']}#{off}:{size}"
+    """A path string the training reader understands: ``SHARD.tar#OFFSET`` (the sample's offset)."""
+    return f"{entry['tar']}#{entry['offset']}"
 
 
 def read_member(path: str) -> bytes:
-    tar, _, span = path.rpartition("#")
-    off, size = (int(v) for v in span.split(":"))
-    with open(tar, "rb") as fh:
-        fh.seek(off)
-        return fh.read(size)
+    """The image bytes of the sample at ``SHARD.tar#OFFSET`` (its JSON member, then its image)."""
+    tar, _, off = path.rpartition("#")
+    return read_members(tar, int(off), 2)[-1][1]

@@ -3,8 +3,12 @@
 ``filepath``/``file``/the first column). Nothing is downloaded: fetch URL lists into shards with ``img2dataset``.
 
 An item is a small dict: ``path`` (a file, or ``SHARD.tar#MEMBER`` for a tar member), ``bytes`` and ``mtime``
-(the member's size and the shard's mtime for tar members) and, for members, ``offset`` (of the data in the tar)
-and ``caption`` (from the ``.txt``/``.json`` sidecar, kept as the manifest's caption). ``read_bytes(item)`` reads it.
+(the member's size and the shard's mtime for tar members) and, for members, ``member_offset`` (of the member's
+header in the tar) and ``caption`` (from the ``.txt``/``.json`` sidecar, kept as the manifest's caption).
+``read_bytes(item)`` reads it: webdataset's tar iterator parses the member at its offset, so a Ray task reads
+one image without scanning the shard. Listing a shard's members and offsets is a header-only pass with the
+standard ``tarfile`` module (it seeks over the image data; webdataset 1.x has no tar index and its iterator
+reads every byte).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ def tar_items(shard: Path) -> list[dict]:
             key, _, ext = m.name.rpartition(".")
             if "." + ext.lower() in IMAGE_EXTS:
                 images[m.name] = {"path": f"{shard}#{m.name}", "bytes": m.size, "mtime": mtime,
-                                  "offset": m.offset_data}
+                                  "member_offset": m.offset}
             elif ext in ("txt", "json"):
                 data = tf.extractfile(m).read()
                 try:
@@ -106,9 +110,13 @@ def list_items(sources) -> list[dict]:
 
 
 def read_bytes(item: dict) -> bytes:
-    path, sep, _ = item["path"].rpartition("#") if "offset" in item else (item["path"], "", "")
-    with open(path if sep else item["path"], "rb") as fh:
-        if sep:
-            fh.seek(item["offset"])
-            return fh.read(item["bytes"])
-        return fh.read()
+    if "member_offset" not in item:
+        with open(item["path"], "rb") as fh:
+            return fh.read()
+    from .shards import read_members
+
+    tar, _, name = item["path"].rpartition("#")
+    found = read_members(tar, item["member_offset"], 1)
+    if not found or found[0][0] != name:
+        raise OSError(f"{tar} changed: no member {name} at offset {item['member_offset']}")
+    return found[0][1]
