@@ -35,9 +35,8 @@ class _NeverStop:
 class UpscaleActor:
     """One pipeline (models loaded once, as ``cli.cmd_upscale`` loads them); called with one-image batches."""
 
-    def __init__(self, args, options):
-        from .cli import _load_face_analyzer
-        from .imageio import load_image
+    def __init__(self, args, options, upscale_one, load_face_analyzer):
+        from .files.read import load_image
         from .model_paths import find_weights, model_root, resolve_base
         from .pipeline import HeadsUpPipeline
         from .tags.cli import tagger_from_args
@@ -51,25 +50,24 @@ class UpscaleActor:
         used = pipe.conditioning_in_use()
         if args.reference and not used["reference"]:
             args.reference = []
-        self.analyzer = _load_face_analyzer(args, root) if used["mask"] or args.reference else None
+        self.analyzer = load_face_analyzer(args, root) if used["mask"] or args.reference else None
         self.references = None
         if args.reference:
             from .faces import encode_reference
 
             self.references = [encode_reference([load_image(r, args.max_pixels)], self.analyzer)
                                for r in args.reference]
-        self.pipe, self.args = pipe, args
+        self.pipe, self.args, self.upscale_one = pipe, args, upscale_one
 
     def __call__(self, batch):
         from pathlib import Path
 
         from .batch import Job
-        from .cli import _upscale_one
 
         errors = []
         for src, dst in zip(batch["src"], batch["dst"]):
             try:
-                _upscale_one(Job(Path(src), Path(dst)), self.pipe, self.options, self.references, self.analyzer,
+                self.upscale_one(Job(Path(src), Path(dst)), self.pipe, self.options, self.references, self.analyzer,
                              self.args, _NeverStop())
                 errors.append("")
             except Exception as err:  # noqa: BLE001 - as in folder mode: one bad file is reported, the rest go on
@@ -77,8 +75,10 @@ class UpscaleActor:
         return {"src": list(batch["src"]), "error": errors}
 
 
-def run_ray_batch(jobs, todo, args, options) -> int:
-    """Upscale ``todo`` on Ray; prints what folder mode prints and returns its exit status."""
+def run_ray_batch(jobs, todo, args, options, upscale_one, load_face_analyzer) -> int:
+    """Upscale ``todo`` on Ray; prints what folder mode prints and returns its exit status. ``upscale_one`` and
+    ``load_face_analyzer`` are the CLI's own per-file step and face-analysis loader (passed in: the CLI imports
+    this module, not the other way round)."""
     from tqdm import tqdm
 
     if args.ray_actors is not None and args.ray_actors < 1:
@@ -94,7 +94,8 @@ def run_ray_batch(jobs, todo, args, options) -> int:
         actors = args.ray_actors or max(1, gpus)
         ds = ray.data.from_items([{"src": str(j.src), "dst": str(j.dst)} for j in todo],
                                  override_num_blocks=len(todo))
-        ds = ds.map_batches(UpscaleActor, fn_constructor_kwargs={"args": args, "options": options}, batch_size=1,
+        ds = ds.map_batches(UpscaleActor, fn_constructor_kwargs={"args": args, "options": options, "upscale_one": upscale_one,
+                                                           "load_face_analyzer": load_face_analyzer}, batch_size=1,
                             compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if gpus else 0,
                             num_cpus=1)
         bar = tqdm(total=len(todo), desc="images", unit="image", disable=args.quiet or len(todo) < 2)

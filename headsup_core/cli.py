@@ -97,7 +97,7 @@ def cmd_upscale(args) -> int:
     if args.engine == "ray":  # the same jobs and files, on a Ray cluster (batch_ray)
         from .batch_ray import run_ray_batch
 
-        return run_ray_batch(jobs, todo, args, options)
+        return run_ray_batch(jobs, todo, args, options, _upscale_one, _load_face_analyzer)
     done, failed = 0, []
     with StopRequest() as stop:
         if todo:

@@ -42,6 +42,7 @@ LAYER_OF = {
     "headsup_core.runner": "engine",
     "headsup_core.blend": "engine",
     "headsup_core.batch": "engine",
+    "headsup_core.batch_ray": "frontend",  # the CLI's folder mode on a Ray cluster
     # test fixtures: tiny random models in the real formats (make-tiny); nothing in the engine imports them
     "headsup_core.testing.": "engine",
     "headsup_core.testing": "engine",

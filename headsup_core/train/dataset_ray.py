@@ -73,7 +73,7 @@ def _frame(rows):
 def read_and_check(batch, opts: D.BuildOptions):
     import io
 
-    from .sources import read_bytes
+    from .shards import read_bytes
 
     out = []
     for row in _rows(batch):

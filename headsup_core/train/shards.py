@@ -56,6 +56,17 @@ def read_members(tar, offset: int, count: int) -> list[tuple[str, bytes]]:
     return out
 
 
+def read_bytes(item: dict) -> bytes:
+    if "member_offset" not in item:
+        with open(item["path"], "rb") as fh:
+            return fh.read()
+    tar, _, name = item["path"].rpartition("#")
+    found = read_members(tar, item["member_offset"], 1)
+    if not found or found[0][0] != name:
+        raise OSError(f"{tar} changed: no member {name} at offset {item['member_offset']}")
+    return found[0][1]
+
+
 def plan_shards(recs: list[dict], pairs: list[dict], shard_size: int = SHARD_SIZE) -> list[dict]:
     """[{"shard": name, "items": [(source item, json record)]}] for the kept records (in order)."""
     kept = [r for r in recs if r.get("status", "kept" if "reject" not in r else "rejected") == "kept"]
@@ -93,8 +104,6 @@ def _ext(path: str) -> str:
 
 def write_shard(folder: Path, plan: dict) -> dict:
     """Write one shard (atomically); returns {"shard", "digest", "images", "offsets": {key: sample offset}}."""
-    from .sources import read_bytes
-
     wds = _wds()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

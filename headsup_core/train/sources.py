@@ -5,7 +5,7 @@
 An item is a small dict: ``path`` (a file, or ``SHARD.tar#MEMBER`` for a tar member), ``bytes`` and ``mtime``
 (the member's size and the shard's mtime for tar members) and, for members, ``member_offset`` (of the member's
 header in the tar) and ``caption`` (from the ``.txt``/``.json`` sidecar, kept as the manifest's caption).
-``read_bytes(item)`` reads it: webdataset's tar iterator parses the member at its offset, so a Ray task reads
+``shards.read_bytes(item)`` reads it: webdataset's tar iterator parses the member at its offset, so a Ray task reads
 one image without scanning the shard. Listing a shard's members and offsets is a header-only pass with the
 standard ``tarfile`` module (it seeks over the image data; webdataset 1.x has no tar index and its iterator
 reads every byte).
@@ -107,16 +107,3 @@ def list_items(sources) -> list[dict]:
         items.append({"path": str(p), "bytes": st.st_size, "mtime": st.st_mtime})
     uniq = {it["path"]: it for it in items}
     return [uniq[k] for k in sorted(uniq)]
-
-
-def read_bytes(item: dict) -> bytes:
-    if "member_offset" not in item:
-        with open(item["path"], "rb") as fh:
-            return fh.read()
-    from .shards import read_members
-
-    tar, _, name = item["path"].rpartition("#")
-    found = read_members(tar, item["member_offset"], 1)
-    if not found or found[0][0] != name:
-        raise OSError(f"{tar} changed: no member {name} at offset {item['member_offset']}")
-    return found[0][1]
