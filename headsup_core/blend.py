@@ -84,14 +84,16 @@ def paste_face(base: np.ndarray, face: np.ndarray, m_out: np.ndarray, mask_crop:
 def blend_upscale(image: Any, general, face_model, scale: float = 4.0, face_analyzer=None, *,
                   faces: list | None = None, crop_size: int = CROP_SIZE, feather: float = 24.0,
                   margin: float = 16.0, min_face: float = 8.0, tile_size: int | None = None,
-                  color_fix: str = "adain", seed: int = 0, prompt_embeds=None,
+                  color_fix: str = "adain", seed: int = 0, prompt_embeds=None, plan=None,
                   progress: Callable[[int, int], Any] | None = None, return_info: bool = False):
     """Upscale ``image`` with ``general`` and paste ``face_model``'s aligned face crops back (see module doc).
 
     ``image`` is any kind the pipeline accepts (PIL, HxWxC uint8, BxHxWxC float tensor); the result is the same
     kind and exactly the size ``general.upscale`` gives. ``faces`` (LQ-coordinate ``DetectedFace`` lists, one per
     batch image, or one list for a single image) skips detection; otherwise ``face_analyzer.detect`` finds them.
-    Faces whose eye distance in the LQ is under ``min_face`` px are left to the general model.
+    Faces whose eye distance in the LQ is under ``min_face`` px are left to the general model. ``plan``: the
+    general model's plan for the whole image (``general.plan``, e.g. the one whose memory a host reserved), run
+    with its own options instead of a new plan from ``scale``/``tile_size``/...
     """
     cv2 = cv2_module()
     if face_analyzer is None and faces is None:
@@ -105,7 +107,8 @@ def blend_upscale(image: Any, general, face_model, scale: float = 4.0, face_anal
     for i, lq in enumerate(lqs):
         found = faces[i] if faces is not None else face_analyzer.detect(lq)
         found = [f for f in found if np.linalg.norm(np.asarray(f.kps[1]) - np.asarray(f.kps[0])) >= min_face]
-        out = np.array(general.upscale(lq, scale=scale, progress=progress, **common), copy=True)
+        whole = dict(plan=plan, options=plan.options) if plan is not None else dict(scale=scale, **common)
+        out = np.array(general.upscale(lq, progress=progress, **whole), copy=True)
         acc = np.zeros(out.shape[:2], np.float32)
         mask_crop = _feather_mask(crop_size, margin, feather)
         placed = []

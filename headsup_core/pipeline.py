@@ -156,7 +156,7 @@ class HeadsUpPipeline:
         The request is ``options`` (an ``UpscaleOptions``; default: its defaults, e.g. scale 4, colour fix adain,
         seed 0) with every keyword passed applied on top; every ``UpscaleOptions`` field is accepted as a keyword
         (``strength``, ``prompt_embeds``, ``match_threshold``, ``vae_tiling``, ``memory_fraction``, ...). ``plan``
-        (from ``plan(image, options)``, e.g. a halved one) runs as it is; without it one is made. ``progress(done,
+        (from ``plan(image, options)``, e.g. a halved one) runs as it is, with its options; without it one is made. ``progress(done,
         total)`` is called after every tile; ``interrupt()`` is polled there too and, when it returns True, the
         run stops with ``InterruptedByUser`` (every front end maps that to its host's convention).
         """
@@ -165,6 +165,9 @@ class HeadsUpPipeline:
             raise TypeError(f"upscale() got unexpected keyword argument(s): {', '.join(unknown)}")
         opts = UpscaleOptions.override(options, scale=scale, prompt=prompt, tile_size=tile_size,
                                        color_fix=color_fix, seed=seed, **option_fields)
+        if plan is not None and opts is not plan.options:
+            raise TypeError("upscale() runs a plan with the plan's own options: pass plan=... alone (or with "
+                            "options=plan.options), not other options.")
         if interrupt is not None and interrupt():
             raise InterruptedByUser("Interrupted by the user before the upscale started.")
         batch = to_batch(image)

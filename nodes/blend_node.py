@@ -55,10 +55,11 @@ class HeadsUpBlendUpscale(io.ComfyNode):
         patchers = [h.patcher for h in (general_model, face_model) if h.patcher is not None]
         if len(patchers) == 2 and patchers[0] is patchers[1]:
             patchers.pop()
-        if patchers:  # the ComfyUI-native backend (patcher None) loads the graph's models itself, per stage
-            # the general model's plan for the whole image: the larger of the two runs (face crops are 512²)
-            plan = general_model.pipe.plan(image, UpscaleOptions(scale=scale, tile_size=tile_size or None,
+        # The general model's plan for the whole image (the larger of the two runs: face crops are 512²), made
+        # once: its estimate is reserved and it runs for every image of the batch (they share one size).
+        plan = general_model.pipe.plan(image[:1], UpscaleOptions(scale=scale, tile_size=tile_size or None,
                                                                  color_fix=color_fix))
+        if patchers:  # the ComfyUI-native backend (patcher None) loads the graph's models itself, per stage
             mm.load_models_gpu(patchers, memory_required=memory_required(plan), force_full_load=True)
         bar = comfy.utils.ProgressBar(image.shape[0])
 
@@ -69,7 +70,7 @@ class HeadsUpBlendUpscale(io.ComfyNode):
         for i in range(image.shape[0]):  # one image at a time, so the bar moves per image
             out, info = blend_upscale(image[i:i + 1], general_model.pipe, face_model.pipe, scale,
                                       face_analysis, tile_size=tile_size or None, color_fix=color_fix,
-                                      feather=feather, progress=progress, return_info=True)
+                                      feather=feather, plan=plan, progress=progress, return_info=True)
             outs.append(out)
             masks.append(info["face_mask"])
             bar.update(1)

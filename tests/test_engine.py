@@ -143,6 +143,8 @@ def test_plan_grid_drives_estimate_and_progress(tiny_pipe):
     ticks = []
     tiny_pipe.upscale(_rgb(24, 32), options=plan.options, plan=plan, progress=lambda d, t: ticks.append((d, t)))
     assert ticks[-1] == (plan.tiles_per_image(), plan.tiles_per_image()) == (len(ticks), len(ticks))
+    with pytest.raises(TypeError, match="plan's own options"):
+        tiny_pipe.upscale(_rgb(24, 32), plan=plan, strength=0.5)
 
 
 def test_overlap_rules_are_written_once():
