@@ -42,7 +42,7 @@ class VSDRegulariser(nn.Module):
                  alphas_cumprod: torch.Tensor | None = None, cfg: float = 7.5,
                  t_range: tuple[int, int] = (20, 980), gradient_checkpointing: bool = False):
         super().__init__()
-        from ..lora import add_adapters, osediff_unet_targets
+        from ..loading.surgery import add_adapters, osediff_unet_targets
 
         self.unet = copy.deepcopy(base_unet)
         self.unet.requires_grad_(False)
