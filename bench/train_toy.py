@@ -205,31 +205,6 @@ def run_arm(base: Path, manifest: Path, work: Path, arm: str, seed: int, a, eval
     return r
 
 
-def reference_gap(manifest: Path, size: int = 128) -> dict:
-    """How far each held-out face is from its reference, both aligned as the conditioning aligns them: PSNR of
-    the aligned GT face against (a) each other photo of the person (the study's references), (b) the GT face
-    under the self-reference warp/jitter of the earlier study, (c) a stranger's photo (a floor)."""
-    from headsup_core.faces.align import align_face
-    from headsup_core.train.data import _read_rgb, load_samples, self_reference
-
-    def p(a, b):
-        return 10 * math.log10(255.0**2 / max(float(np.mean((a.astype(np.float64) - b) ** 2)), 1e-10))
-
-    samples = [s for s in load_samples(manifest, (), "test") if s.refs]
-    crops = [align_face(_read_rgb(s.path), np.asarray(s.faces[0]["kps"], np.float32), size)[0] for s in samples]
-    rng = np.random.default_rng(0)
-    out = {"other_photo": [], "self_warp": [], "stranger": []}
-    for i, (s, gt) in enumerate(zip(samples, crops)):
-        for ref_path, ref_kps in s.refs[0]:
-            out["other_photo"].append(p(gt, align_face(_read_rgb(ref_path), np.asarray(ref_kps, np.float32),
-                                                       size)[0]))
-        rgb = _read_rgb(s.path)
-        out["self_warp"].append(p(gt, self_reference(rgb, np.asarray(s.faces[0]["kps"], np.float32), rng, size)[0]))
-        same = {r[0] for r in s.refs[0]}  # every other photo of this person
-        out["stranger"] += [p(gt, crops[j]) for j in range(len(samples)) if j != i and samples[j].path not in same]
-    return {k: {"mean_db": float(np.mean(v)), "std_db": float(np.std(v)), "n": len(v)} for k, v in out.items()}
-
-
 KEYS = [("face_psnr", "face PSNR (dB)"), ("face_ssim", "face SSIM"), ("bg_psnr", "background PSNR (dB)"),
         ("psnr", "image PSNR (dB)"), ("id_dlib", "ID cos, dlib C++"), ("id_torch", "ID cos, dlib torch")]
 PAIRS = (("R", "N"), ("F-id", "F0"), ("R", "F0"))
@@ -311,8 +286,6 @@ def main(argv=None) -> int:
     ap.add_argument("--unet-steps", type=int, default=200)
     ap.add_argument("--eval-crops", type=int, default=1, help="fixed crops per held-out photo")
     ap.add_argument("--base-only", action="store_true", help="stop after the data and the pretrained base")
-    ap.add_argument("--reference-gap", action="store_true",
-                    help="only measure how far held-out faces are from their references (aligned-face PSNR)")
     ap.add_argument("--publish", action="store_true", help="copy results and plot into docs/")
     a = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -323,11 +296,6 @@ def main(argv=None) -> int:
     from headsup_core.eval.arms import IdentityJudge, eval_items, prepare_pairs
 
     manifest = prepare_pairs(a.data, work / "data", a.test_ids, gt_size=a.gt_size, log=log)
-    if a.reference_gap or not (work / "reference_gap.json").is_file():
-        (work / "reference_gap.json").write_text(json.dumps(reference_gap(manifest), indent=1))
-        if a.reference_gap:
-            print((work / "reference_gap.json").read_text())
-            return 0
     base = build_base(work, manifest, a.vae_steps, a.unet_steps, a.base_size, 6)
     if a.base_only:
         return 0
@@ -352,8 +320,8 @@ def main(argv=None) -> int:
     log(f"total {time.time() - t0:.0f} s")
     if a.publish:
         root = Path(__file__).resolve().parents[1]
-        slim = {"config": {k: v for k, v in vars(a).items() if k not in ("out", "publish", "data", "reference_gap")},
-                "reference_gap": json.loads((work / "reference_gap.json").read_text()), "runs": results}
+        slim = {"config": {k: v for k, v in vars(a).items() if k not in ("out", "publish", "data")},
+                "runs": results}
         (root / "docs" / "results").mkdir(exist_ok=True)
         (root / "docs" / "results" / "train_toy_pairs.json").write_text(json.dumps(slim, indent=1))
         (root / "docs" / "images").mkdir(exist_ok=True)
