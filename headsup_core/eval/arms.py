@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import HeadsUpError
+from ..errors import HeadsUpError, MissingDependencyError
 
 FACE_PX = 100        # largest face width kept in the prepared photos (references keep this much detail)
 DETECT_SIDE = 1200   # photos are shrunk to this long side before detection (speed; faces here are large)
@@ -176,7 +176,10 @@ def item_kps(item) -> list[np.ndarray]:
 @torch.no_grad()
 def evaluate(gen, prompt_embeds, items, degrade, judge: IdentityJudge | None = None, rows: list | None = None):
     """Mean of each measure over ``items`` (``MEASURES``; identity ones only with a ``judge``)."""
-    from skimage.metrics import structural_similarity
+    try:
+        from skimage.metrics import structural_similarity
+    except ImportError as e:
+        raise MissingDependencyError("Face SSIM needs scikit-image: pip install 'comfyui-headsup[faces]'.") from e
 
     from ..train.data import collate
 
