@@ -84,3 +84,19 @@ def test_eval_arms_rejects_a_folder_without_identities(arm_and_photos, tmp_path,
     assert not (tmp_path / "o" / "arms_eval.csv").exists()
     assert main(["eval-arms", str(tmp_path), "--data", str(tmp_path), "-o", str(tmp_path / "o")]) == 2
     assert "neither a saved arm" in capsys.readouterr().err
+
+
+def test_reference_gap_counts_pairs_and_ranks_self_warp_closest(arm_and_photos, tmp_path):
+    import importlib.util
+
+    from headsup_core.eval.arms import prepare_pairs
+
+    _, photos = arm_and_photos
+    spec = importlib.util.spec_from_file_location(
+        "bench_reference_gap", Path(__file__).resolve().parents[1] / "bench" / "reference_gap.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    gap = mod.reference_gap(prepare_pairs(photos, tmp_path / "data", None))
+    # img10<->img5 and img44<->img46, both ways; strangers: each of the 4 against the 2 other-person photos
+    assert gap["other_photo"]["n"] == 4 and gap["self_warp"]["n"] == 4 and gap["stranger"]["n"] == 8
+    assert gap["self_warp"]["mean_db"] > gap["other_photo"]["mean_db"] > 5.0
