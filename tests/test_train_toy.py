@@ -19,7 +19,7 @@ def _mod():
 def _fake():
     runs = []
     for seed in (0, 1, 2):
-        for arm, face in (("R", 25.0), ("N", 23.5), ("R-noface", 24.0)):
+        for arm, face in (("R", 25.0), ("N", 23.5), ("F0", 24.0), ("F-id", 24.2)):
             curve = [{"step": s, "face_psnr": face - 5 + s / 10 + seed * 0.1, "bg_psnr": 22.0, "psnr": 22.5,
                       "face_lpips": 0.1, "id_sim": 0.9} for s in (0, 25, 50)]
             runs.append({"arm": arm, "seed": seed, "curve": curve, "final": curve[-1]})
@@ -31,6 +31,7 @@ def test_summary_reports_paired_differences():
     assert "| R | 25.100 ± 0.082" in table
     assert "R - N face_psnr: 1.500 ± 0.000 (per seed: +1.500, +1.500, +1.500)" in table
     assert "R - N bg_psnr: 0.000" in table
+    assert "F-id - F0 face_psnr: 0.200 ± 0.000" in table
 
 
 def test_plot_is_written(tmp_path):

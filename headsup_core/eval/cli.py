@@ -91,6 +91,23 @@ def register(subparsers) -> None:
     cp.add_argument("-o", "--out", required=True, help="output PNG path")
     cp.set_defaults(func=run_compare_command)
 
+    ea = subparsers.add_parser(
+        "eval-arms", help="measure saved training arms (e.g. bench/train_toy.py's) on the people of a folder",
+        description="Evaluate saved arms (folders with arm.json + weights.safetensors, or a folder of them) on "
+                    "every photo of FOLDER whose person (identities.csv: file,identity) has another photo to "
+                    "serve as the reference: fixed face-centred crops, x4 Real-ESRGAN LQ, restored with the "
+                    "reference and without. Writes arms_eval.csv (per crop), arms_eval.json and arms_eval.md "
+                    "(per arm and mode: face PSNR/SSIM, background PSNR, image PSNR, dlib identity cosine "
+                    "from the C++ descriptor and the torch port).")
+    ea.add_argument("arms", nargs="+", help="saved arm folders, or folders holding them")
+    ea.add_argument("--data", required=True, help="folder of photos with identities.csv (file,identity)")
+    ea.add_argument("--base", help="base model folder (default: the one each arm.json names)")
+    ea.add_argument("--per-photo", type=int, default=1, help="fixed crops per photo (default 1)")
+    ea.add_argument("--gt-size", type=int, default=96, help="GT crop size the arms were trained on (default 96)")
+    ea.add_argument("-q", "--quiet", action="store_true", help="print only the table")
+    ea.add_argument("-o", "--out", required=True, help="output folder (reports; prepared photos in OUT/data)")
+    ea.set_defaults(func=run_eval_arms_command)
+
 
 def _analyzer(args, notes: dict):
     """The face analyzer; if it cannot load and nothing strictly needs it, face metrics are skipped with a note."""
@@ -152,6 +169,12 @@ def run_eval_command(args) -> int:
     print(paths["md"].read_text(encoding="utf-8"))
     print(f"Wrote {paths['csv']}, {paths['json']} and {paths['md']}")
     return 0
+
+
+def run_eval_arms_command(args) -> int:
+    from .arms import run_eval_arms_command as run
+
+    return run(args)
 
 
 def run_compare_command(args) -> int:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
-import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +20,15 @@ import numpy as np
 import torch
 
 from ..errors import InputImageError, MissingModelError
-from .metrics import FACE_METRICS, FR_METRICS, LOWER_IS_BETTER, NR_METRICS, MetricSuite, face_metrics
+from .metrics import (
+    FACE_METRICS,
+    FR_METRICS,
+    LOWER_IS_BETTER,
+    NR_METRICS,
+    MetricSuite,
+    face_metrics,
+)
+from .peak import PeakMeter
 
 METHODS = ("bicubic", "osediff", "blend", "headsup")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -150,57 +156,6 @@ def load_samples(*, gt_dir=None, manifest=None, lq_dir=None, scale: int = 4, see
     return samples, notes
 
 
-def _vm_hwm_mb() -> float | None:
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-class _Peak:
-    """Time and peak memory of one call.
-
-    GPU: CUDA's peak allocation. CPU on Linux: the process's peak RSS during the call (the high-water mark is
-    reset through /proc/self/clear_refs first). Elsewhere: the process's peak RSS so far, which only grows.
-    """
-
-    def __init__(self, device):
-        self.cuda = torch.device(device).type == "cuda" if device is not None else False
-
-    def __enter__(self):
-        self.reset = False
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            try:
-                with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-                    fh.write("5")  # "5" resets the peak RSS (VmHWM) to the current RSS
-                self.reset = _vm_hwm_mb() is not None
-            except OSError:
-                pass
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.mb = torch.cuda.max_memory_allocated() / 2**20
-            self.kind = "CUDA peak allocated memory during each call"
-        elif self.reset:
-            self.mb = _vm_hwm_mb()
-            self.kind = "process peak RSS during each call (CPU; includes the loaded models)"
-        else:
-            self.mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-            self.kind = "process peak RSS so far (CPU; only grows, so later methods inherit earlier peaks)"
-        self.seconds = time.perf_counter() - self.t0
-        return False
-
-
 def _to_tensor(u8: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(u8)).permute(2, 0, 1)[None].float() / 255.0
 
@@ -245,7 +200,7 @@ def run_eval(samples: list[Sample], methods: dict[str, Callable], *, scale: floa
         ring_mask = paste_region_mask(faces_lq, s.lq.shape, out_hw) if faces_lq else None
         images[s.name] = {"LQ": s.lq}
         for name, fn in methods.items():
-            with _Peak(device) as peak:
+            with PeakMeter(device) as peak:
                 sr, _info = fn(s, faces_lq)
             sr = np.asarray(sr)
             if sr.shape[:2] != tuple(out_hw):

@@ -89,18 +89,19 @@ class Trainer:
         from ..loading.base import load_base
         from ..loading.surgery import add_osediff_adapters, widen_conv_in
         from ..pipeline import HeadsUpPipeline
+        from .init_weights import apply_init, load_init
         from .vsd import VSDRegulariser, alphas_cumprod_from_config
 
         c, mc = self.cfg, self.cfg["model"]
         base = load_base(c["base"])
         self.prediction_type = base.prediction_type
         unet_4ch = copy.deepcopy(base.unet)  # the regulariser is a plain SD UNet, as OSEDiff's
-        init = self._load_init()
+        init = load_init(c.get("init_weights"), self.out)
         widen_conv_in(base.unet, 9)
         rank_u, rank_v = (init.rank_unet, init.rank_vae) if init else (mc["rank_unet"], mc["rank_vae"])
         self.targets = add_osediff_adapters(base.unet, base.vae, rank_u, rank_v)
         if init:
-            self._apply_init(base.unet, base.vae, init)
+            apply_init(base.unet, base.vae, init)
         self.model = HeadsUpModel(base.vae, base.unet, base.prediction_type, 999, sample_latent=mc["sample_latent"])
         gen_params = _trainable(base.unet.named_parameters(), lambda n: "lora_" in n or n.startswith("conv_in."))
         gen_params += _trainable(base.vae.named_parameters(), lambda n: "lora_" in n)
@@ -126,32 +127,6 @@ class Trainer:
                                       gradient_checkpointing=c["gradient_checkpointing"])
         del unet_4ch
         self.generator = HeadsUpGenerator(self.model)
-
-    def _load_init(self):
-        from ..loading.weights import convert_osediff, load_weights
-
-        path = self.cfg.get("init_weights")
-        if not path:
-            return None
-        if not str(path).endswith(".safetensors"):  # OSEDiff .pkl: convert (merges its conv_in LoRA, widens it)
-            path = convert_osediff(path, self.out / "init_from_osediff.safetensors")
-        return load_weights(path)
-
-    @staticmethod
-    def _apply_init(unet, vae, w):
-        from ..loading.weights import (
-            load_tensors_into,  # core's strict loader (unknown / mis-shaped keys raise WeightsError)
-        )
-
-        with torch.no_grad():
-            lora = {k: v for k, v in w.unet_state.items() if k not in ("conv_in.weight", "conv_in.bias")}
-            own = dict(unet.named_parameters())
-            for k in [k for k in own if k.startswith("conv_in.lora_")]:
-                lora.setdefault(k, own[k].detach().clone())  # conv_in's own LoRA starts fresh (B = 0)
-            load_tensors_into(unet, lora, "UNet", w.path)
-            unet.conv_in.base_layer.weight.copy_(w.unet_state["conv_in.weight"])
-            unet.conv_in.base_layer.bias.copy_(w.unet_state["conv_in.bias"])
-            load_tensors_into(vae, w.vae_state, "VAE", w.path)
 
     def _embed(self, pipe, text):
         try:
