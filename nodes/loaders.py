@@ -111,8 +111,9 @@ class HeadsUpLoader(io.ComfyNode):
                                tooltip="The SD2.x base the weights were trained on (SD 2.1-base or SD-Turbo): a "
                                        "single file from models/checkpoints or a folder from models/diffusers."),
                 io.Combo.Input("dtype", options=DTYPES, default="auto",
-                               tooltip="Weight precision. auto: bf16/fp16 where the GPU supports it, fp32 on CPU. "
-                                       "Stages that produce NaNs in half precision are retried in fp32."),
+                               tooltip="Compute precision. auto: fp16 on a GPU (bf16 only where fp16 is missing), on a "
+                                       "CPU fp32 with the VAE decoder in bf16 where the CPU has native bf16. Stages "
+                                       "that produce NaNs in half precision are retried in fp32."),
             ],
             outputs=[HEADSUP_MODEL.Output(display_name="headsup_model",
                                           tooltip="The loaded model, managed by ComfyUI's model memory manager.")],
@@ -130,7 +131,7 @@ class HeadsUpLoader(io.ComfyNode):
         key = (_stamp(weights_path), _stamp(base_path), str(torch_dtype), str(load_device))
         handle = _MODEL_CACHE.get(key)
         if handle is None:
-            log.info("HeadsUp: loading %s on %s (%s)", weights, base, torch_dtype)
+            log.info("HeadsUp: loading %s on %s (%s)", weights, base, torch_dtype or "per-stage CPU precision")
             pipe = HeadsUpPipeline.from_files(base_path, weights_path, device=offload_device, dtype=torch_dtype,
                                               compute_device=load_device)
             patcher = make_patcher(pipe, load_device, offload_device)
