@@ -399,7 +399,7 @@ def test_native_exact_vae_tiles_in_comfyui_modules(server, sd2):
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     out = subprocess.run([_python(), str(probe), str(sd2["base"]), str(sd2["weights"]),
                           str(server.base / "input" / "portrait.png")], cwd=COMFYUI, capture_output=True, text=True,
-                         env=env, timeout=900)
+                         env=env, timeout=1800)
     assert out.returncode == 0, out.stderr[-3000:]
     figures = json.loads(out.stdout.strip().splitlines()[-1])
     print("native exact tiled VAE in ComfyUI:", figures)
