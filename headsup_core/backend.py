@@ -43,7 +43,8 @@ class Backend(Protocol):
 
     @property
     def supports_exact_vae(self) -> bool:
-        """Whether the VAE is a diffusers AutoencoderKL, which the exact lockstep tiles (tiled_vae.py) run."""
+        """Whether the exact lockstep tiles (tiled_vae.py) can run this VAE (diffusers' AutoencoderKL, ComfyUI's
+        own SD VAE modules); False: the plan uses blended ("fast") VAE tiles."""
 
     def compute_dtype(self, stage: str) -> torch.dtype:
         """The dtype ``stage`` ("encoder", "unet", "decoder") computes in (not its weights' storage dtype)."""

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import spill
+from . import spill, tiled_vae_ldm
 from .devices import return_freed_memory
 from .memory import STORE_CH
 from .tiling import Tile, exact_grid
@@ -34,10 +34,15 @@ from .tiling import Tile, exact_grid
 QUERY_CHUNK = 4096
 
 
-def supports_exact(vae) -> bool:
-    """True for a diffusers ``AutoencoderKL`` (the structure the lockstep forward is written for)."""
+def _is_diffusers_vae(vae) -> bool:
     enc, dec = getattr(vae, "encoder", None), getattr(vae, "decoder", None)
     return all(hasattr(m, "mid_block") for m in (enc, dec)) and hasattr(enc, "down_blocks") and hasattr(dec, "up_blocks")
+
+
+def supports_exact(vae) -> bool:
+    """True for the structures the lockstep forwards are written for: a diffusers ``AutoencoderKL`` (below) and
+    ComfyUI's own SD VAE modules (tiled_vae_ldm.py)."""
+    return _is_diffusers_vae(vae) or tiled_vae_ldm.is_ldm_vae(vae)
 
 
 # ------------------------------------------------------------------------------------------ lockstep forward
@@ -79,6 +84,8 @@ def _mid(mid, hand, park):
 
 def encoder_forward(vae, x, park):
     """``vae.encoder`` + ``quant_conv`` on one tile (image in [-1, 1]) -> posterior moments."""
+    if not _is_diffusers_vae(vae):
+        return (yield from tiled_vae_ldm.encoder_forward(vae, x, park))
     enc = vae.encoder
     hand = [enc.conv_in(x)]
     del x
@@ -95,6 +102,8 @@ def encoder_forward(vae, x, park):
 
 def decoder_forward(vae, z, park):
     """``post_quant_conv`` + ``vae.decoder`` on one tile (unscaled latent) -> image."""
+    if not _is_diffusers_vae(vae):
+        return (yield from tiled_vae_ldm.decoder_forward(vae, z, park))
     dec = vae.decoder
     if getattr(vae, "post_quant_conv", None) is not None:
         z = vae.post_quant_conv(z)
@@ -140,7 +149,8 @@ def _apply_norm(norm, x, mean, var):
     y = g.reshape(x.shape)
     if norm.affine:
         shape = (1, c) + (1,) * (x.ndim - 2)
-        y.mul_(norm.weight.float().reshape(shape)).add_(norm.bias.float().reshape(shape))
+        # .to(device): a host may keep some weights off the compute device (ComfyUI's partial loading)
+        y.mul_(norm.weight.float().to(y.device).reshape(shape)).add_(norm.bias.float().to(y.device).reshape(shape))
     return y.to(x.dtype)
 
 
@@ -212,7 +222,7 @@ class _Step:
 def _parked_hint(vae, stage, tiles: list[Tile], scale: int) -> int | None:
     """About what the stage parks in all (memory.py's STORE_CH), for the disk-full message."""
     try:
-        width = int(vae.config.block_out_channels[0])
+        width = int(vae.config.block_out_channels[0]) if hasattr(vae, "config") else int(stage.ch)  # LDM: .ch
         size = next(stage.parameters()).element_size()
     except (AttributeError, TypeError, IndexError, StopIteration):
         return None
@@ -246,7 +256,7 @@ def run_exact(forward: Callable, vae, x: torch.Tensor, *, in_factor: int, out_fa
     # The tiles finish together, so spread the per-tile progress ticks (also interrupt points) over the lockstep
     # steps: about one step per GroupNorm / attention of the stage; any ticks left are given at the end.
     stage = getattr(vae, "encoder" if out_factor == 1 else "decoder", vae)
-    expected_steps = max(1, sum(isinstance(m, torch.nn.GroupNorm) or type(m).__name__ == "Attention"
+    expected_steps = max(1, sum(isinstance(m, torch.nn.GroupNorm) or type(m).__name__ in ("Attention", "AttnBlock")
                                 for m in stage.modules()))
     hint = _parked_hint(vae, stage, tiles, max(in_factor, out_factor))
     store = spill.SpillStore(ram_budget, storage, expected_bytes=hint)
@@ -301,11 +311,13 @@ def run_exact(forward: Callable, vae, x: torch.Tensor, *, in_factor: int, out_fa
                     if ram_budget is not None:
                         return_freed_memory()
             else:
-                kv = _keys_values(module, current.full) if global_attention else None
+                keys_values, attend = ((tiled_vae_ldm.keys_values, tiled_vae_ldm.attend)
+                                       if tiled_vae_ldm.is_ldm_attention(module) else (_keys_values, _attend))
+                kv = keys_values(module, current.full) if global_attention else None
                 current.full = None
                 for i in range(n):
                     slot, slots[i] = slots[i], None
-                    hands[i].append(_attend(module, slot.take().to(compute_device), kv))
+                    hands[i].append(attend(module, slot.take().to(compute_device), kv))
                     del slot
                     advance(i, following)
                     if ram_budget is not None:

@@ -12,7 +12,9 @@
 pixel_multiple, compute_dtype, fp32_retry, in_channels, cross_attention_dim, device, dtype, ...), so the
 planner, tiler, faces and colour fix are the core's. The one step is one ``BaseModel.apply_model`` call at the sigma of the
 HeadsUp timestep on x = z / sqrt(alpha_bar): ComfyUI's ``denoised`` is then OSEDiff's x0, for eps and v models
-alike, and the call gets the host's dtype, attention, lowvram/partial loading and any dynamic VRAM.
+alike, and the call gets the host's dtype, attention, lowvram/partial loading and any dynamic VRAM. Large
+images run the VAE as exact lockstep tiles on ComfyUI's own VAE modules (headsup_core/tiled_vae_ldm.py), as the
+HeadsUpLoader path does on diffusers' (whole-image GroupNorm statistics, global mid-block attention).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import copy
 import logging
 
 import torch
+from headsup_core.tiled_vae import supports_exact
 
 log = logging.getLogger("HeadsUp")
 
@@ -157,7 +160,9 @@ class ComfyHeadsUpModel:
     """The core's ``Backend`` on a patched ComfyUI MODEL and VAE (see the module docstring)."""
 
     sample_latent = False
-    supports_exact_vae = False  # ComfyUI's own VAE modules: the core blends overlapping VAE tiles instead
+    # ComfyUI reserves memory for an exact tiled VAE stage as for its own VAE on a tile of this many latents
+    # (its default VAE tile, 512 px): the lockstep keeps one tile's working set on the device at a time.
+    EXACT_RESERVE_TILE = 64
 
     def __init__(self, model_patcher, vae, in_channels: int, prompt_embeds: torch.Tensor | None,
                  timestep: int = 999, metadata: dict | None = None, conditioning: dict | None = None):
@@ -183,6 +188,7 @@ class ComfyHeadsUpModel:
             prompt_embeds = torch.zeros(1, 77, self._context_dim)
         self.default_prompt_embeds = prompt_embeds.float().reshape(1, *prompt_embeds.shape[-2:])
         self._device = mm.get_torch_device()
+        self._fast_vae_logged = False
 
     # -------------------------------------------------------------------- what the pipeline reads
     @property
@@ -214,11 +220,36 @@ class ComfyHeadsUpModel:
     def vae_dtype(self) -> torch.dtype:
         return self.vae_obj.vae_dtype
 
+    @property
+    def supports_exact_vae(self) -> bool:
+        """ComfyUI's own SD VAE modules run as exact lockstep tiles (tiled_vae_ldm.py) when they compute where
+        the engine puts the tiles; any other VAE gets blended ("fast") tiles, said once per model."""
+        vae_device, here = torch.device(getattr(self.vae_obj, "device", self._device)), torch.device(self._device)
+        same_device = vae_device.type == here.type and None in (vae_device.index, here.index) or vae_device == here
+        if supports_exact(self.vae) and same_device:
+            return True
+        if not self._fast_vae_logged:
+            self._fast_vae_logged = True
+            log.info("HeadsUp: the graph's VAE (%s on %s) cannot run as exact tiles here; large images use blended "
+                     "(fast) VAE tiles.", type(self.vae).__name__, vae_device)
+        return False
+
     def compute_dtype(self, stage: str) -> torch.dtype:
         return self.dtype if stage == "unet" else self.vae_dtype
 
     def fp32_retry(self, stage: str, fn, what: str = "this tile"):
-        return fn  # the host owns precision (its dtype / manual cast); no module upcasting here
+        """``fn`` itself: the host owns precision (its dtype / manual cast). A VAE stage called without a tensor
+        (the exact lockstep tiles, which run the VAE's modules directly) first has ComfyUI load the VAE with its
+        patches, as ``encode`` / ``decode`` do for themselves."""
+        if stage == "unet":
+            return fn
+
+        def run(*args, **kwargs):
+            if not args:
+                side, px = self.EXACT_RESERVE_TILE, self.EXACT_RESERVE_TILE * self.vae_scale
+                self._load_vae((1, 4, side, side) if stage == "decoder" else (1, 3, px, px), decode=stage == "decoder")
+            return fn(*args, **kwargs)
+        return run
 
     def latent_from_moments(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         mean = moments.float().chunk(2, dim=1)[0]  # the posterior's mode, as ComfyUI's VAE encode returns it

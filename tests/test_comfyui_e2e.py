@@ -330,25 +330,25 @@ def test_interrupt_stops_a_long_run(server):
 
 
 # ------------------------------------------------------------------ HeadsUp on the graph's own MODEL/VAE/CLIP
-def _native_graph(image="portrait.png", clip=False, scale=2.0, prefix="native"):
+def _native_graph(image="portrait.png", clip=False, scale=2.0, prefix="native", tile_size=0):
     api = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD2_BASE}},
            "2": {"class_type": "HeadsUpPatchModel",
                  "inputs": {"model": ["1", 0], "vae": ["1", 2], "weights": SD2_WEIGHTS}},
            "3": {"class_type": "LoadImage", "inputs": {"image": image}},
            "4": {"class_type": "HeadsUpUpscale", "inputs": {"model": ["2", 0], "image": ["3", 0], "scale": scale,
-                                                            "tile_size": 0, "color_fix": "adain"}},
+                                                            "tile_size": tile_size, "color_fix": "adain"}},
            "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": prefix}}}
     if clip:
         api["2"]["inputs"]["clip"] = ["1", 1]
     return api
 
 
-def _loader_graph(image="portrait.png", clip_prompt=None, scale=2.0, prefix="loader"):
+def _loader_graph(image="portrait.png", clip_prompt=None, scale=2.0, prefix="loader", tile_size=0):
     api = {"1": {"class_type": "HeadsUpLoader", "inputs": {"weights": SD2_WEIGHTS, "base": SD2_BASE,
                                                            "dtype": "fp32"}},
            "3": {"class_type": "LoadImage", "inputs": {"image": image}},
            "4": {"class_type": "HeadsUpUpscale", "inputs": {"model": ["1", 0], "image": ["3", 0], "scale": scale,
-                                                            "tile_size": 0, "color_fix": "adain"}},
+                                                            "tile_size": tile_size, "color_fix": "adain"}},
            "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": prefix}}}
     if clip_prompt is not None:  # the same CLIP through ComfyUI's own CLIPTextEncode
         api["6"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD2_BASE}}
@@ -379,6 +379,39 @@ def test_patch_model_equals_loader_within_one_level(server, clip):
     assert native.shape == (2 * h, 2 * w, 3) and loader.shape == native.shape
     assert native.std() > 10  # a real image, not a flat or saturated one
     assert np.abs(native - loader).max() <= 1
+
+
+def test_patch_model_tiled_equals_loader_tiled(server):
+    """Both paths with 64-px tiles (3x3 exact VAE tiles of the 192x144 padded output): the native path runs the
+    exact tiled VAE on ComfyUI's own VAE modules, so it agrees with HeadsUpLoader's within one level."""
+    native = _pixels(server, _run(server, _native_graph(prefix="native_tiled", tile_size=64)))
+    loader = _pixels(server, _run(server, _loader_graph(prefix="loader_tiled", tile_size=64)))
+    w, h = INPUT_SIZES["portrait.png"]
+    assert native.shape == loader.shape == (2 * h, 2 * w, 3) and native.std() > 10
+    assert np.abs(native - loader).max() <= 1, np.abs(native - loader).max()
+
+
+def test_native_exact_vae_tiles_in_comfyui_modules(server, sd2):
+    """With only the VAE tiled (3x3 exact tiles of 8 latents, UNet untiled), the native backend on ComfyUI's
+    own checkpoint loader and VAE modules: its VAE stages >= 60 dB from untiled and within 1/255 of the loader
+    path's; its whole upscale within one level of the loader path's and as close to untiled."""
+    probe = Path(__file__).with_name("comfy_native_probe.py")
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    out = subprocess.run([_python(), str(probe), str(sd2["base"]), str(sd2["weights"]),
+                          str(server.base / "input" / "portrait.png")], cwd=COMFYUI, capture_output=True, text=True,
+                         env=env, timeout=1800)
+    assert out.returncode == 0, out.stderr[-3000:]
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    print("native exact tiled VAE in ComfyUI:", figures)
+    assert figures["plans"]["native_tiled"] == figures["plans"]["loader_tiled"] == {"vae_mode": "exact",
+                                                                                     "decoder_tiles": 9}
+    assert figures["std"] > 10
+    # the VAE stages alone (float): the exact tiles' own error, and the two layouts' agreement
+    assert figures["vae_psnr_tiled_vs_untiled"] >= 60 and figures["vae_max_diff_vs_loader"] <= 1, figures
+    # the whole pipeline (8-bit output; the x0 step amplifies encoder differences): the native path tiles as
+    # exactly as the loader path and stays within one level of it
+    assert figures["max_diff_vs_loader"] <= 1 and figures["untiled_max_diff_vs_loader"] <= 1, figures
+    assert figures["psnr_tiled_vs_untiled"] >= figures["loader_psnr_tiled_vs_untiled"] - 0.5, figures
 
 
 def _host_check_graph(image, prefix):

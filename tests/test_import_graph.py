@@ -37,6 +37,7 @@ LAYER_OF = {
     # engine: doing it (model maths, tiled runs, loading, faces, the pipeline and its retry runner)
     "headsup_core.model": "engine",
     "headsup_core.tiled_vae": "engine",
+    "headsup_core.tiled_vae_ldm": "engine",
     "headsup_core.stages": "engine",
     "headsup_core.pipeline": "engine",
     "headsup_core.runner": "engine",
