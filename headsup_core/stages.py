@@ -13,10 +13,11 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
 from . import tiled_vae
 from .errors import InterruptedByUser
-from .planner import Plan, progress_units
+from .planner import Plan, attention_chunks, chunked_attentions, progress_units
 from .tiling import run_tiled
 
 # Longer side, in latent units, of the whole-image previews that give tiled VAE stages shared GroupNorm statistics.
@@ -46,30 +47,43 @@ class Progress:
 
 
 class StageTicks:
-    """One stage's share of the progress: ``tiles * per_tile`` ticks, ``per_tile`` per tile. Within a tile one
-    tick comes as each of ``units`` finishes its forward (hooks registered while the stage runs), the rest when
-    the tile is done (``tile_done``). Capped, so a forward that runs again (the fp32 retry, the fast VAE's
-    preview) never ticks past the stage's share; ``finish`` gives what is left. Every tick is an interrupt point."""
+    """One stage's share of the progress: ``sum(counts)`` ticks, ``counts[i]`` for its i-th tile. Within a tile
+    one tick comes as each of ``units`` finishes its forward (hooks registered while the stage runs) or a chunk
+    of a chunked attention ends, the rest when the tile is done (``tile_done``). Capped, so a forward that runs
+    again (the fp32 retry, the fast VAE's preview) never ticks past the stage's share; ``finish`` gives what is
+    left. Every tick is an interrupt point."""
 
-    def __init__(self, tick: Callable[[], None], tiles: int, per_tile: int, units=()):
-        self._tick, self.per_tile = tick, per_tile
-        self.left, self.inside = tiles * per_tile, 0
-        self._units = list(units) if per_tile > 1 else []
+    def __init__(self, tick: Callable[[], None], counts: list[int], units=()):
+        self._tick, self._counts, self._tile = tick, list(counts), 0
+        self.left, self.inside = sum(counts), 0
+        self._units = list(units) if max(counts, default=1) > 1 else []
+        self._chunked: list = []  # attentions run by ChunkedAttention while the stage runs (a CPU's)
         self._handles: list = []
+        self._processors: list = []
 
     @classmethod
-    def of(cls, model, plan: Plan, stage: str, tick, tiles: int, hooks: bool = True) -> "StageTicks":
-        per_tile = plan.tile_ticks[stage]
-        return cls(tick, tiles, per_tile, progress_units(model, stage) if hooks and per_tile > 1 else ())
+    def of(cls, model, plan: Plan, stage: str, tick, grid, hooks: bool = True) -> "StageTicks":
+        """``stage``'s ticks over ``grid`` as the plan counts them; ``hooks``: tick inside the tiles (a blended
+        or untiled run; exact lockstep tiles spread theirs instead)."""
+        units, attentions = plan.tick_sources[stage]
+        ticks = cls(tick, [plan.tile_ticks(stage, t) for t in grid], progress_units(model, stage) if hooks and units else ())
+        if hooks and attentions:
+            ticks._chunked = chunked_attentions(model, stage)
+        return ticks
 
     def __enter__(self) -> "StageTicks":
         self._handles = [m.register_forward_hook(self._unit_done) for m in self._units]
+        self._processors = [(m, m.processor) for m in self._chunked]
+        for attn, original in self._processors:
+            attn.processor = ChunkedAttention(original, self._unit_done)
         return self
 
     def __exit__(self, *exc) -> bool:
         for handle in self._handles:
             handle.remove()
-        self._handles = []
+        for attn, original in self._processors:
+            attn.processor = original
+        self._handles, self._processors = [], []
         return False
 
     def give(self) -> None:
@@ -77,19 +91,59 @@ class StageTicks:
             self.left -= 1
             self._tick()
 
+    def _per_tile(self) -> int:
+        return self._counts[min(self._tile, len(self._counts) - 1)] if self._counts else 1
+
     def _unit_done(self, *_) -> None:
-        if self.inside < self.per_tile - 1:  # the tile's last tick waits for the tile's output
+        if self.inside < self._per_tile() - 1:  # the tile's last tick waits for the tile's output
             self.inside += 1
             self.give()
 
     def tile_done(self) -> None:
-        for _ in range(self.per_tile - self.inside):
+        for _ in range(self._per_tile() - self.inside):
             self.give()
-        self.inside = 0
+        self.inside, self._tile = 0, self._tile + 1
 
     def finish(self) -> None:
         while self.left > 0:
             self.give()
+
+
+class ChunkedAttention:
+    """diffusers' ``AttnProcessor2_0`` for a VAE's self-attention (its steps, in its order) with the queries in
+    chunks (``attention_chunks``) and ``on_chunk()`` after each but the last: a progress tick and interrupt point
+    inside the one call that takes most of a large untiled VAE stage on a CPU. Every query attends to all keys
+    alone, in the same blocks, so the chunks give the same bits (tests/test_progress.py checks it); a small
+    attention runs whole (its ticks come when the tile ends); other calls go to ``original``."""
+
+    def __init__(self, original, on_chunk: Callable[[], None]):
+        self.original, self.on_chunk = original, on_chunk
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):
+        if (encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 4
+                or attn.norm_q is not None or attn.norm_k is not None or args or kwargs):
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        residual = hidden_states
+        batch, channel, height, width = hidden_states.shape
+        hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        out = query.new_empty(query.shape)
+        bounds = attention_chunks(query.shape[2])
+        for i, (start, end) in enumerate(bounds):
+            out[:, :, start:end] = F.scaled_dot_product_attention(query[:, :, start:end], key, value,
+                                                                  attn_mask=None, dropout_p=0.0, is_causal=False)
+            if i + 1 < len(bounds):
+                self.on_chunk()
+        hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
 
 
 def _is_empty(t: torch.Tensor) -> bool:
@@ -112,10 +166,10 @@ def encode(model, x: torch.Tensor, plan: Plan, tick: Callable[[], None], generat
     grid = plan.tiles.grid("encoder", latent_hw)
     exact = plan.tiles.exact("encoder") and len(grid) > 1
     if not to_unit and _is_empty(x):  # cheap test first: the image itself is never scanned
-        with StageTicks.of(model, plan, "encoder", tick, len(grid), hooks=False) as ticks:
+        with StageTicks.of(model, plan, "encoder", tick, grid, hooks=False) as ticks:
             ticks.finish()
         return torch.zeros(1, 4, *latent_hw, device=dev)
-    with StageTicks.of(model, plan, "encoder", tick, len(grid), hooks=not exact) as ticks:
+    with StageTicks.of(model, plan, "encoder", tick, grid, hooks=not exact) as ticks:
         if exact:
             def fwd(vae, t, park):
                 t = t.to(model.compute_dtype("encoder"))
@@ -141,7 +195,7 @@ def predict(model, unet_in: torch.Tensor, embeds: torch.Tensor, strength: float,
     """The one step over the UNet's tiles: conditioning-assembled latent -> x0 latent."""
     step = model.fp32_retry("unet", lambda t: model.predict_x0(t, t[:, :4], embeds, strength))
     dev, grid = model.device, plan.grid("unet")
-    with StageTicks.of(model, plan, "unet", tick, len(grid)) as ticks:
+    with StageTicks.of(model, plan, "unet", tick, grid) as ticks:
         out = run_tiled(step, unet_in, grid=grid, in_factor=1, out_factor=1, out_channels=4, compute_device=dev,
                         out_device=dev, progress=ticks.tile_done)
         ticks.finish()
@@ -153,7 +207,7 @@ def decode(model, x0: torch.Tensor, plan: Plan, tick: Callable[[], None]) -> tor
     dev, s = model.device, model.vae_scale
     grid = plan.tiles.grid("decoder", tuple(x0.shape[-2:]))
     exact = plan.tiles.exact("decoder") and len(grid) > 1
-    with StageTicks.of(model, plan, "decoder", tick, len(grid), hooks=not exact) as ticks:
+    with StageTicks.of(model, plan, "decoder", tick, grid, hooks=not exact) as ticks:
         if exact:
             def fwd(vae, t, park):
                 return tiled_vae.decoder_forward(vae, t.to(model.compute_dtype("decoder")) / model.scaling_factor,
