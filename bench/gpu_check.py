@@ -123,10 +123,11 @@ def _case_name(case) -> str:
 def markdown(info: dict, rows: list[dict], comfy: dict | None, args) -> str:
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     model = "SD2.1-size, random weights" if args.model == "sd21" else "tiny (make-tiny)"
-    out = [f"### GPU check: {info['device']}, {when}{' (dry run)' if args.dry_run else ''}", "",
-           f"Driver {info['driver']}, CUDA {info['cuda']}, torch {info['torch']}, Python {info['python']}, commit "
-           f"{info['commit']}; model {model}; median of {args.repeats} run(s) after {args.warmup} warm-up; peak = "
-           "CUDA max allocated (CPU: process peak RSS); PSNR against the fp32 untiled output of the same case.", "",
+    header = (f"Driver {info['driver']}, CUDA {info['cuda']}, torch {info['torch']}, Python {info['python']}, "
+              f"commit {info['commit']}; model {model}; median of {args.repeats} run(s) after {args.warmup} warm-up; "
+              "peak = CUDA max allocated (CPU: process peak RSS); PSNR against the fp32 untiled output of the same "
+              "case.")
+    out = [f"### GPU check: {info['device']}, {when}{' (dry run)' if args.dry_run else ''}", "", header, "",
            "| case | run | status | median s | peak GB | PSNR dB | tiles | target |", "|---|---|---|---|---|---|---|---|"]
     first = (DRY_CASES if args.dry_run else CASES)[0]
     for r in rows:
@@ -135,8 +136,9 @@ def markdown(info: dict, rows: list[dict], comfy: dict | None, args) -> str:
             ok = r["total_s"] <= TARGET_S and r.get("peak_gb", 1e9) <= TARGET_VRAM_GB
             target = f"{'met' if ok else 'MISSED'} (<= {TARGET_S} s, <= {TARGET_VRAM_GB:.0f} GB)"
         psnr = "ref" if r["path"] == "full" else fmt(r.get("psnr_db"), "{:.1f}")
-        out.append(f"| {_case_name(r['case'])} | {r['label']} | {r.get('status', '?')} | {fmt(r.get('total_s'), '{:.3f}')} "
-                   f"| {fmt(r.get('peak_gb'))} | {psnr} | {r.get('tiles', '-')} | {target} |")
+        out.append(f"| {_case_name(r['case'])} | {r['label']} | {r.get('status', '?')} | "
+                   f"{fmt(r.get('total_s'), '{:.3f}')} | {fmt(r.get('peak_gb'))} | {psnr} | {r.get('tiles', '-')} | "
+                   f"{target} |")
     if comfy is not None:
         out += ["", "| ComfyUI path (in-process) | device / dtype | max difference to standalone | target |",
                 "|---|---|---|---|"]

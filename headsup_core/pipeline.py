@@ -153,8 +153,9 @@ class HeadsUpPipeline:
         (``strength``, ``prompt_embeds``, ``match_threshold``, ``vae_tiling``, ``memory_fraction``, ...). ``plan``
         (from ``plan(image, options)``, e.g. a halved one) runs as it is; without it one is made. ``progress(done,
         total)`` is called after every tile, and on a CPU also inside it as each resnet, sampler or attention
-        block ends (the total is the plan's ``ticks_per_image``); ``interrupt()`` is polled there too and, when it returns True, the
-        run stops with ``InterruptedByUser`` (every front end maps that to its host's convention).
+        block ends (the total is the plan's ``ticks_per_image``); ``interrupt()`` is polled there too and, when
+        it returns True, the run stops with ``InterruptedByUser`` (every front end maps that to its host's
+        convention).
         """
         unknown = sorted(set(option_fields) - set(OPTION_NAMES))
         if unknown:
@@ -276,7 +277,8 @@ class HeadsUpPipeline:
         join the progress total once they are known."""
         windows = [a["ref_window"] for a in cond.assignments if "ref_window" in a]
         s = self.model.vae_scale
-        ticks.extend(sum(plan.stage_ticks("encoder", ((y1 - y0) // s, (x1 - x0) // s)) for x0, y0, x1, y1 in windows))
+        ticks.extend(sum(plan.stage_ticks("encoder", ((y1 - y0) // s, (x1 - x0) // s))
+                         for x0, y0, x1, y1 in windows))
 
         def encode(window):
             return stages.encode(self.model, window, plan, ticks.tick, generator)

@@ -6,7 +6,8 @@ tile is the plain untiled forward. The backend (backend.py) does the maths and i
 
 Progress: each stage gives exactly its share of the plan's total (``Plan.stage_ticks``), ``StageTicks``: inside a
 blended / untiled tile one tick as each progress unit (a resnet, sampler or attention block) ends, observed by
-forward hooks that change nothing; exact lockstep tiles spread theirs over the lockstep steps.
+forward hooks that change nothing, and on a CPU one per query chunk of the VAE's global attention
+(``ChunkedAttention``, the same bits); exact lockstep tiles spread theirs over the lockstep steps.
 """
 from __future__ import annotations
 
@@ -66,7 +67,8 @@ class StageTicks:
         """``stage``'s ticks over ``grid`` as the plan counts them; ``hooks``: tick inside the tiles (a blended
         or untiled run; exact lockstep tiles spread theirs instead)."""
         units, attentions = plan.tick_sources[stage]
-        ticks = cls(tick, [plan.tile_ticks(stage, t) for t in grid], progress_units(model, stage) if hooks and units else ())
+        units = progress_units(model, stage) if hooks and units else ()
+        ticks = cls(tick, [plan.tile_ticks(stage, t) for t in grid], units)
         if hooks and attentions:
             ticks._chunked = chunked_attentions(model, stage)
         return ticks

@@ -16,7 +16,12 @@ from PIL import Image
 
 from headsup_core.errors import InterruptedByUser
 from headsup_core.options import UpscaleOptions
-from headsup_core.planner import ATTENTION_CHUNKS, attention_chunks, chunked_attentions, progress_units
+from headsup_core.planner import (
+    ATTENTION_CHUNKS,
+    attention_chunks,
+    chunked_attentions,
+    progress_units,
+)
 from headsup_core.stages import ChunkedAttention
 from headsup_core.tiling import STAGES
 
