@@ -3,9 +3,9 @@
     bash bench/gpu_check.sh                            # on the GPU box: < 10 minutes, nothing downloaded
     bash bench/gpu_check.sh --device cpu --dry-run     # the same code on small sizes and the tiny model (~1 min)
 
-Per case (input -> output): the fp32 untiled run is the reference; then ours in fp16 and bf16, each without and
-with ``torch.compile`` on the UNet: median seconds of ``--repeats`` runs after a warm-up, peak VRAM (CUDA max
-allocated), PSNR against the fp32 output. Every row runs in a fresh process through bench/pipeline.py's worker
+Per case (input -> output): the fp32 untiled run is the reference (one run); then ours in fp16 and bf16, each
+without and with ``torch.compile`` on the UNet (compiled rows last, as time allows): median seconds of
+``--repeats`` runs after a warm-up, peak VRAM (CUDA max allocated), PSNR against the fp32 output. Every row runs in a fresh process through bench/pipeline.py's worker
 (the model is the seeded random SD2.1-size single file of bench/models.py). With ``COMFYUI_PATH`` set, the
 ComfyUI paths (HeadsUpLoader, HeadsUpPatchModel) run in-process inside that ComfyUI on the same device and are
 compared with the standalone pipeline (bench/gpu_check_comfy.py). The table names the device, driver, torch and
@@ -72,7 +72,7 @@ def _jobs(case, args, files: str, tmp: str, first: bool) -> list[dict]:
             "repeats": args.repeats, "warmup": args.warmup, "seed": 0, "tile_size": None, "files": files,
             "weight_dtype": "auto", "memory_budget_mb": None, "mem_limit_gb": None, "save_to": saved,
             "compare_to": saved}
-    jobs = [dict(base, path="full", dtype="fp32", compile=False)]
+    jobs = [dict(base, path="full", dtype="fp32", compile=False, repeats=1, warmup=0)]  # the reference only
     for compiled in ((False, True) if first or not args.dry_run else (False,)):
         for dt in (DTYPES if first or not args.dry_run else DTYPES[:1]):
             job = dict(base, path="ours", dtype=dt, compile=compiled)
@@ -86,19 +86,20 @@ def run_cases(args, files: str, deadline: float) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="headsup-gpu-check-") as tmp:
         cases = DRY_CASES if args.dry_run else CASES
-        for case in cases:
-            for job in _jobs(case, args, files, tmp, case == cases[0]):
-                label = f"{job['path']} {job['dtype']}{' +compile' if job['compile'] else ''}"
-                left = deadline - time.time()
-                if left < (COMPILE_RESERVE_S if job["compile"] else 0) or left <= 0:
-                    res = {"status": f"skipped (time budget: {max(0, left):.0f} s left)"}
-                else:
-                    log(f"{case[0][0]}x{case[0][1]} x{case[1]}: {label}")
-                    res = run_worker(job, args.threads)
-                res.update(case=case, label=label, path=job["path"], compile=job["compile"])
-                log(f"  {res.get('status')}: {fmt(res.get('total_s'))} s, peak {fmt(res.get('peak_gb'))} GB, "
-                    f"PSNR {fmt(res.get('psnr_db'), '{:.1f}')} dB")
-                rows.append(res)
+        jobs = [(case, job) for case in cases for job in _jobs(case, args, files, tmp, case == cases[0])]
+        # Every case's plain rows first, the compiled ones (slowest, and first to go when time runs out) last.
+        for case, job in sorted(jobs, key=lambda cj: cj[1]["compile"]):
+            label = f"{job['path']} {job['dtype']}{' +compile' if job['compile'] else ''}"
+            left = deadline - time.time()
+            if left < (COMPILE_RESERVE_S if job["compile"] else 0) or left <= 0:
+                res = {"status": f"skipped (time budget: {max(0, left):.0f} s left)"}
+            else:
+                log(f"{case[0][0]}x{case[0][1]} x{case[1]}: {label}")
+                res = run_worker(job, args.threads)
+            res.update(case=case, label=label, path=job["path"], compile=job["compile"])
+            log(f"  {res.get('status')}: {fmt(res.get('total_s'))} s, peak {fmt(res.get('peak_gb'))} GB, "
+                f"PSNR {fmt(res.get('psnr_db'), '{:.1f}')} dB")
+            rows.append(res)
     return rows
 
 
