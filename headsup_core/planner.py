@@ -39,7 +39,7 @@ TICK_INSIDE_DEVICES = ("cpu", "mps")
 # tokens, starting at multiples of ATTENTION_ALIGN: the CPU's flash attention then splits every chunk into the
 # same 256-query blocks as the whole (it picks its block size from the query count, 256 from 768 up), so each
 # query's arithmetic is the one of the unchunked call (stages.ChunkedAttention).
-ATTENTION_CHUNKS, ATTENTION_MIN_CHUNK, ATTENTION_ALIGN = 16, 1024, 256
+ATTENTION_CHUNKS, ATTENTION_MIN_CHUNK, ATTENTION_ALIGN = 32, 1024, 256
 
 
 def progress_units(backend, stage: str) -> list[torch.nn.Module]:
