@@ -78,7 +78,7 @@ def pipe_options(job: dict, untiled):
     from headsup_core.options import UpscaleOptions
 
     ours = job["path"] == "ours"
-    return UpscaleOptions(scale=SCALE, tile_size=job["tile_size"] if ours else untiled,
+    return UpscaleOptions(scale=job.get("scale", SCALE), tile_size=job["tile_size"] if ours else untiled,
                           memory_budget_mb=job.get("memory_budget_mb") if ours else None)
 
 
@@ -176,7 +176,7 @@ def worker(job: dict) -> dict:
     if ours and job.get("compile"):
         from headsup_core.perf import compile_unet
 
-        compile_unet(pipe.model)
+        compile_unet(pipe.model, **job.get("compile_kwargs", {}))
     procs = getattr(pipe.model.unet, "attn_processors", {}) or {}
     res["attention"] = sorted({type(p).__name__ for p in procs.values()}) or ["?"]
     res["formats"] = {"unet": str(pipe.model.dtype).replace("torch.", ""),
@@ -189,7 +189,8 @@ def worker(job: dict) -> dict:
     res["rss_after_build_gb"] = rss_bytes() / 1e9
     model = pipe.model
     rng = np.random.default_rng(job["seed"])
-    lq_np = rng.integers(0, 256, (h // SCALE, w // SCALE, 3), dtype=np.uint8)
+    scale = job.get("scale", SCALE)  # the output size over the input's (bench/gpu_check.py also runs x2)
+    lq_np = rng.integers(0, 256, (h // scale, w // scale, 3), dtype=np.uint8)
     lq = torch.from_numpy(lq_np).permute(2, 0, 1)[None].float() / 255  # 1x3xhxw in 0..1
 
     if dev.type == "cpu":
@@ -199,7 +200,7 @@ def worker(job: dict) -> dict:
             width = model.vae.config.block_out_channels[0]  # channels at full resolution (128 for SD)
             est = UNTILED_VAE_ACTIVATIONS * width * h * w * torch.finfo(dtype).bits // 8
         else:
-            est = pipe.plan((h // SCALE, w // SCALE), pipe_options(job, untiled_plan())).estimate
+            est = pipe.plan((h // scale, w // scale), pipe_options(job, untiled_plan())).estimate
             est = est["activations"]  # under the run's own budget: the exact VAE spills beyond it
         avail = available_bytes()
         limit = job["mem_limit_gb"] * 1e9 if job["mem_limit_gb"] else (avail or 0) - 2e9

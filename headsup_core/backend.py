@@ -16,6 +16,7 @@ import torch
 @runtime_checkable
 class Backend(Protocol):
     vae: torch.nn.Module            # has .encoder and .decoder (their GroupNorms are shared across fast tiles)
+    unet: torch.nn.Module           # the denoiser; the planner counts its progress units (planner.progress_units)
     vae_scale: int                  # output pixels per latent unit
     scaling_factor: float
     sample_latent: bool             # sample the posterior (with the request's seed) instead of its mode

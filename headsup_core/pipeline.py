@@ -157,8 +157,10 @@ class HeadsUpPipeline:
         seed 0) with every keyword passed applied on top; every ``UpscaleOptions`` field is accepted as a keyword
         (``strength``, ``prompt_embeds``, ``match_threshold``, ``vae_tiling``, ``memory_fraction``, ...). ``plan``
         (from ``plan(image, options)``, e.g. a halved one) runs as it is, with its options; without it one is made. ``progress(done,
-        total)`` is called after every tile; ``interrupt()`` is polled there too and, when it returns True, the
-        run stops with ``InterruptedByUser`` (every front end maps that to its host's convention).
+        total)`` is called after every tile, and on a CPU also inside it as each resnet, sampler or attention
+        block ends (the total is the plan's ``ticks_per_image``); ``interrupt()`` is polled there too and, when
+        it returns True, the run stops with ``InterruptedByUser`` (every front end maps that to its host's
+        convention).
         """
         unknown = sorted(set(option_fields) - set(OPTION_NAMES))
         if unknown:
@@ -185,7 +187,7 @@ class HeadsUpPipeline:
             plan = self.plan(batch.size, opts)
         oh, ow = plan.out_hw
         log.debug("HeadsUp tiles for %dx%d: %s", ow, oh, plan.describe())
-        ticks = stages.Progress(batch.rgb.shape[0] * plan.tiles_per_image(), progress, interrupt)
+        ticks = stages.Progress(batch.rgb.shape[0] * plan.ticks_per_image(), progress, interrupt)
 
         outputs, masks, assignments, timings, used_tags = [], [], [], [], []
         for i in range(batch.rgb.shape[0]):
@@ -283,7 +285,7 @@ class HeadsUpPipeline:
         join the progress total once they are known."""
         windows = [a["ref_window"] for a in cond.assignments if "ref_window" in a]
         s = self.model.vae_scale
-        ticks.extend(sum(len(plan.tiles.grid("encoder", ((y1 - y0) // s, (x1 - x0) // s)))
+        ticks.extend(sum(plan.stage_ticks("encoder", ((y1 - y0) // s, (x1 - x0) // s))
                          for x0, y0, x1, y1 in windows))
 
         def encode(window):

@@ -4,7 +4,8 @@
 user's ``tile_size``, else per stage the largest tile whose estimated working set fits the budget; the whole
 image, untiled, when it fits) and estimates the run's memory. A front end reports ``plan.estimate`` to its
 host (ComfyUI's memory manager) and hands the same plan to ``HeadsUpPipeline.upscale``; the OOM retry
-(runner.py) runs ``plan.halved()``.
+(runner.py) runs ``plan.halved()``. The plan also fixes the progress total: ``Plan.tile_ticks`` per tile (its
+progress units and attention chunks on a CPU, see ``progress_units``), so a front end's bar ends exactly at 100 %.
 """
 from __future__ import annotations
 
@@ -24,6 +25,60 @@ CANDIDATE_TILES = (256, 192, 160, 128, 112, 96, 80, 64, 48, 32, 16)
 # The UNet's self-attention is quadratic in the tile's tokens and SD2.1-base was trained on 64-latent crops
 # (OSEDiff tiles at 96): its tile stays at most this many latents (1024 px) even when memory allows more.
 UNET_MAX_TILE = 128
+# The sub-modules whose ends are progress ticks inside one tile (class names of diffusers' and ComfyUI's SD
+# layouts): resnets, down/upsamplers and attention, each called once per forward. A stage that runs as one
+# forward still moves the bar at every one of them.
+PROGRESS_UNITS = frozenset({
+    "ResnetBlock2D", "Downsample2D", "Upsample2D", "Attention", "Transformer2DModel",   # diffusers
+    "ResnetBlock", "AttnBlock", "ResBlock", "SpatialTransformer", "Downsample", "Upsample",  # ComfyUI (ldm)
+})
+# Devices where a tile can take long enough to need ticks inside it. On CUDA a tile takes well under a second,
+# and hooks inside a torch.compile'd UNet would only cost graph breaks.
+TICK_INSIDE_DEVICES = ("cpu", "mps")
+# A CPU runs a large VAE self-attention in up to ATTENTION_CHUNKS query chunks of at least ATTENTION_MIN_CHUNK
+# tokens, starting at multiples of ATTENTION_ALIGN: the CPU's flash attention then splits every chunk into the
+# same 256-query blocks as the whole (it picks its block size from the query count, 256 from 768 up), so each
+# query's arithmetic is the one of the unchunked call (stages.ChunkedAttention).
+ATTENTION_CHUNKS, ATTENTION_MIN_CHUNK, ATTENTION_ALIGN = 32, 1024, 256
+
+
+def progress_units(backend, stage: str) -> list[torch.nn.Module]:
+    """The modules of ``stage`` whose forward ends tick progress inside a tile (empty: a compiled UNet, which
+    hooks would break, or a layout without known units: one tick per tile)."""
+    module = backend.unet if stage == "unet" else getattr(backend.vae, stage)
+    if type(module).__name__ == "OptimizedModule":  # torch.compile's wrapper (perf.compile_unet)
+        return []
+    return [m for m in module.modules() if type(m).__name__ in PROGRESS_UNITS]
+
+
+def chunked_attentions(backend, stage: str) -> list[torch.nn.Module]:
+    """A VAE stage's whole-tile self-attentions (diffusers ``Attention`` with a GroupNorm, run by
+    ``AttnProcessor2_0``) that a CPU runs in ``ATTENTION_CHUNKS`` query chunks, a tick after each
+    (stages.ChunkedAttention): at the quick start's size one such attention takes most of its stage."""
+    if stage == "unet":
+        return []
+    return [m for m in progress_units(backend, stage) if type(m).__name__ == "Attention"
+            and m.group_norm is not None and m.spatial_norm is None
+            and type(m.processor).__name__ == "AttnProcessor2_0"]
+
+
+def attention_chunks(tokens: int) -> list[tuple[int, int]]:
+    """Up to ``ATTENTION_CHUNKS`` (start, end) query ranges; one range (no chunking) below two minimum chunks."""
+    count = min(ATTENTION_CHUNKS, tokens // ATTENTION_MIN_CHUNK)
+    if count < 2:
+        return [(0, tokens)]
+    step = tokens // count // ATTENTION_ALIGN * ATTENTION_ALIGN
+    return [(i * step, (i + 1) * step if i + 1 < count else tokens) for i in range(count)]
+
+
+def tick_sources(backend, device: torch.device) -> dict[str, tuple[int, int]]:
+    """Per stage, (progress units, chunked attentions) a tile ticks at: on a CPU both, on MPS the units, on
+    other devices neither (one tick per tile)."""
+    kind = torch.device(device).type
+    if kind not in TICK_INSIDE_DEVICES:
+        return {s: (0, 0) for s in STAGES}
+    return {s: (len(progress_units(backend, s)), len(chunked_attentions(backend, s)) if kind == "cpu" else 0)
+            for s in STAGES}
 
 
 def plan_for_budget(model, latent_hw: tuple[int, int], budget: int, device: torch.device,
@@ -60,7 +115,8 @@ def plan_for_budget(model, latent_hw: tuple[int, int], budget: int, device: torc
 class Plan:
     """What one request runs with. ``budget``: the device's memory budget in bytes, read once;
     ``parking_budget``: RAM the exact tiled VAE may park activations in per VAE stage (the rest spills to
-    disk); ``estimate``: ``memory.estimate`` of these tiles (``activations`` is what a host reserves)."""
+    disk); ``estimate``: ``memory.estimate`` of these tiles (``activations`` is what a host reserves);
+    ``tick_sources``: what a tile of each stage ticks at (``tick_sources``; see ``tile_ticks``)."""
     backend: object = dataclasses.field(repr=False, compare=False)
     options: UpscaleOptions
     tiles: TilePlan
@@ -70,13 +126,25 @@ class Plan:
     budget: int
     estimate: dict
     parking_budget: dict
+    tick_sources: dict = dataclasses.field(default_factory=lambda: {s: (0, 0) for s in STAGES})
 
     def grid(self, stage: str) -> list[Tile]:
         return self.tiles.grid(stage, self.latent_hw)
 
-    def tiles_per_image(self) -> int:
+    def stage_ticks(self, stage: str, latent_hw: tuple[int, int] | None = None) -> int:
+        """Progress ticks of ``stage`` on this plan's latent (or on ``latent_hw``, e.g. a reference window)."""
+        return sum(self.tile_ticks(stage, t) for t in self.tiles.grid(stage, latent_hw or self.latent_hw))
+
+    def tile_ticks(self, stage: str, tile: Tile) -> int:
+        """Progress ticks of one tile: one per progress unit, plus one per extra query chunk of each chunked
+        attention (which runs at the latent resolution over the tile's window); at least one."""
+        units, attentions = self.tick_sources[stage]
+        chunks = len(attention_chunks(tile.read_hw[0] * tile.read_hw[1])) - 1 if attentions else 0
+        return max(1, units + attentions * chunks)
+
+    def ticks_per_image(self) -> int:
         """Progress ticks of one image (a reference's windows add their own when they are known)."""
-        return sum(len(self.grid(s)) for s in STAGES)
+        return sum(self.stage_ticks(s) for s in STAGES)
 
     def describe(self) -> str:
         return self.tiles.describe()
@@ -97,7 +165,8 @@ def _finish(backend, options, tiles, out_hw, latent_hw, device, budget, host_ram
         ram = memory.budget_bytes(torch.device("cpu"), options.memory_fraction) if host_ram is None else host_ram
         parking = {"encoder": ram, "decoder": ram}
     estimate = memory.estimate(backend, tiles, latent_hw, device, budget)
-    return Plan(backend, options, tiles, out_hw, latent_hw, device, budget, estimate, parking)
+    return Plan(backend, options, tiles, out_hw, latent_hw, device, budget, estimate, parking,
+                tick_sources(backend, device))
 
 
 def plan_request(backend, image_size: tuple[int, int], options: UpscaleOptions | None = None,

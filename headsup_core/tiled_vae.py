@@ -235,7 +235,7 @@ def run_exact(forward: Callable, vae, x: torch.Tensor, *, in_factor: int, out_fa
               compute_device: torch.device, grid: list[Tile] | None = None, tile: int = 0, context: int = 0,
               out_device: torch.device | None = None,
               progress: Callable[[], None] | None = None, global_attention: bool = True,
-              ram_budget: int | None = None) -> torch.Tensor:
+              ram_budget: int | None = None, ticks: int | None = None) -> torch.Tensor:
     """Run ``forward(vae, tile_input, park)`` (``encoder_forward`` / ``decoder_forward``) over ``x`` (1xCxHxW,
     H and W multiples of ``in_factor``) in the tiles of ``grid`` (a plan's ``TilePlan.grid``; else cores of at
     most ``tile`` latent units read with ``context`` around), with pooled GroupNorm statistics; returns the
@@ -253,8 +253,9 @@ def run_exact(forward: Callable, vae, x: torch.Tensor, *, in_factor: int, out_fa
     h, w = x.shape[-2] // in_factor, x.shape[-1] // in_factor
     tiles = grid if grid is not None else exact_grid(h, w, tile, context)
     n = len(tiles)
-    # The tiles finish together, so spread the per-tile progress ticks (also interrupt points) over the lockstep
-    # steps: about one step per GroupNorm / attention of the stage; any ticks left are given at the end.
+    # The tiles finish together, so spread the progress ticks (also interrupt points; ``ticks``, default one per
+    # tile) over the lockstep steps: about one step per GroupNorm / attention of the stage; any left at the end.
+    ticks_total = n if ticks is None else ticks
     stage = getattr(vae, "encoder" if out_factor == 1 else "decoder", vae)
     expected_steps = max(1, sum(isinstance(m, torch.nn.GroupNorm) or type(m).__name__ in ("Attention", "AttnBlock")
                                 for m in stage.modules()))
@@ -295,7 +296,7 @@ def run_exact(forward: Callable, vae, x: torch.Tensor, *, in_factor: int, out_fa
             gens[i] = forward(vae, x[..., y0 * in_factor:y1 * in_factor, x0 * in_factor:x1 * in_factor]
                               .to(compute_device), store.put)
             advance(i, current)
-        step, ticks = 0, 0
+        step, given = 0, 0
         while current.finished < n:
             if current.finished or current.arrived != n:
                 raise RuntimeError("tiles of the lockstep VAE forward went out of step")
@@ -325,14 +326,14 @@ def run_exact(forward: Callable, vae, x: torch.Tensor, *, in_factor: int, out_fa
                 del kv
             current = following
             step += 1
-            while progress and ticks < n - 1 and step * n >= (ticks + 1) * expected_steps:
-                ticks += 1
+            while progress and given < ticks_total - 1 and step * ticks_total >= (given + 1) * expected_steps:
+                given += 1
                 progress()
     finally:
         for gen in gens:
             if gen is not None:
                 gen.close()
         store.close()
-    for _ in range(n - ticks if progress else 0):
+    for _ in range(ticks_total - given if progress else 0):
         progress()
     return result[0]

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "pipeline.py"
 
 
@@ -77,3 +79,24 @@ def test_untiled_reference_is_skipped_not_run_when_it_would_not_fit(tmp_path):
                 "--paths", "ref", "--mem-limit-gb", "0.001", "--json", str(out_json))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| tiny | 256x256 | ref | float32 | skipped |" in proc.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_on_the_cpu(tmp_path):
+    """bench/gpu_check.sh --device cpu --dry-run: every row of the GPU check's table runs (small sizes, the tiny
+    model, compile with the eager backend) and the markdown table names the device, torch and commit."""
+    root = BENCH.parents[1]
+    out = tmp_path / "gpu_check.md"
+    env = {k: v for k, v in os.environ.items() if k not in ("COMFYUI_PATH", "COMFYUI_PYTHON")}
+    env.update(OMP_NUM_THREADS="1", PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh"), "--device", "cpu", "--dry-run", "--out",
+                           str(out)], capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = out.read_text()
+    assert table in proc.stdout and "(dry run)" in table and "torch " in table and "commit " in table
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "->" in line]
+    assert len(rows) == 7 and all("| ok |" in row for row in rows), table
+    assert sum("+compile" in row for row in rows) == 2
+    psnr = [float(row.split("|")[6]) for row in rows if "ours" in row]
+    assert all(p > 30 for p in psnr), psnr  # half precision lands near the fp32 reference

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from headsup_core import HeadsUpPipeline
 from headsup_core.errors import InterruptedByUser
 from headsup_core.geometry import partition
+from headsup_core.options import UpscaleOptions
 from headsup_core.tiled_vae import decoder_forward, encoder_forward, run_exact
 from headsup_core.tiling import TilePlan
 
@@ -92,9 +93,12 @@ def test_exact_tiles_report_progress_while_they_run(tiny_pipe):
     n_dec = plan.tile_count("decoder", (48, 48))
     assert n_dec > 1
     done, total = seen[-1][0], seen[-1][1]
-    assert done == total == len(seen)  # every tile ticked exactly once
-    decoder_ticks = [c for *_, c in seen[-n_dec:]]
+    assert done == total == len(seen)  # every tick given exactly once
+    full_plan = tiny_pipe.plan((48, 48), UpscaleOptions(scale=8, tile_size=128, color_fix="none", vae_tiling="exact"))
+    assert full_plan.tiles == plan and full_plan.stage_ticks("decoder") >= n_dec
+    decoder_ticks = [c for *_, c in seen[-full_plan.stage_ticks("decoder"):]]
     assert decoder_ticks[0] == 0  # the first decoder tick came before any tile reached conv_out
+    assert sum(c == 0 for c in decoder_ticks) > len(decoder_ticks) // 2  # most of them during the stage
 
 
 # ------------------------------------------------------------------------------------------ spill store (issue 14)

@@ -142,7 +142,7 @@ def test_plan_grid_drives_estimate_and_progress(tiny_pipe):
     assert memory.stage_reads(plan.tiles, plan.latent_hw, "decoder") == [t.read_hw for t in grids["decoder"]]
     ticks = []
     tiny_pipe.upscale(_rgb(24, 32), options=plan.options, plan=plan, progress=lambda d, t: ticks.append((d, t)))
-    assert ticks[-1] == (plan.tiles_per_image(), plan.tiles_per_image()) == (len(ticks), len(ticks))
+    assert ticks[-1] == (plan.ticks_per_image(), plan.ticks_per_image()) == (len(ticks), len(ticks))
     with pytest.raises(TypeError, match="plan's own options"):
         tiny_pipe.upscale(_rgb(24, 32), plan=plan, strength=0.5)
 
