@@ -45,7 +45,7 @@ def _upscale_one(job, pipe, options, references, analyzer, args, stop) -> None:
     from .runner import upscale_with_retry
 
     photo = read_photo(job.src, args.max_pixels)
-    bar = tqdm(total=1, desc=job.src.name, unit="tile", leave=False, disable=args.quiet, position=1)
+    bar = tqdm(total=1, desc=job.src.name, unit="step", leave=False, disable=args.quiet, position=1)
 
     def progress(done, total):
         bar.total = total
