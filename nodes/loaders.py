@@ -28,7 +28,6 @@ log = logging.getLogger("HeadsUp")
 HEADSUP_MODEL = io.Custom("HEADSUP_MODEL")
 FACE_ANALYSIS = io.Custom("HEADSUP_FACE_ANALYSIS")
 
-DTYPES = list(DTYPE_CHOICES)
 # "auto" first: a new node picks a working backend; saved workflows keep the value they stored.
 FACE_BACKENDS = ["auto", "insightface", "facexlib", "dlib"]
 PROVIDERS = ["auto", "CPU", "CUDA", "ROCm", "DirectML", "CoreML"]
@@ -87,7 +86,7 @@ def _stamp(path):
     return (os.path.abspath(path), os.path.getmtime(path))
 
 
-def pick_dtype(choice, device):
+def comfy_dtype(choice, device):
     """The widget's dtype; ``auto`` asks precision.py with what ComfyUI says the device supports."""
     import comfy.model_management as mm
 
@@ -110,7 +109,7 @@ class HeadsUpLoader(io.ComfyNode):
                 io.Combo.Input("base", options=paths.list_bases(),
                                tooltip="The SD2.x base the weights were trained on (SD 2.1-base or SD-Turbo): a "
                                        "single file from models/checkpoints or a folder from models/diffusers."),
-                io.Combo.Input("dtype", options=DTYPES, default="auto",
+                io.Combo.Input("dtype", options=list(DTYPE_CHOICES), default="auto",
                                tooltip="Compute precision. auto: fp16 on a GPU (bf16 only where fp16 is missing), on a "
                                        "CPU fp32 with the VAE decoder in bf16 where the CPU has native bf16. Stages "
                                        "that produce NaNs in half precision are retried in fp32."),
@@ -127,7 +126,7 @@ class HeadsUpLoader(io.ComfyNode):
         weights_path = paths.resolve_weights(weights)
         base_path = paths.resolve_base(base)
         load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
-        torch_dtype = pick_dtype(dtype, load_device)
+        torch_dtype = comfy_dtype(dtype, load_device)
         key = (_stamp(weights_path), _stamp(base_path), str(torch_dtype), str(load_device))
         handle = _MODEL_CACHE.get(key)
         if handle is None:

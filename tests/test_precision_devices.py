@@ -3,7 +3,7 @@
 For each device the test asks each front end for the dtype it would build the pipeline with, then turns that into
 per-stage compute dtypes the way loading/build.py does (``compute_dtypes`` on the device that computes):
 * library / CLI: ``HeadsUpPipeline.from_files(device=..., dtype=None)`` (the CLI's ``--dtype auto``);
-* ComfyUI ``HeadsUpLoader``: ``nodes.loaders.pick_dtype("auto", load_device)`` with what ComfyUI's
+* ComfyUI ``HeadsUpLoader``: ``nodes.loaders.comfy_dtype("auto", load_device)`` with what ComfyUI's
   ``model_management`` says the device supports;
 * ComfyUI ``HeadsUpPatchModel``: the host's own UNet dtype for SD2 (ComfyUI picks the first of fp16, bf16, fp32
   the device supports), which ``ComfyHeadsUpModel.compute_dtype`` reports; it runs the host's modules, so on a
@@ -88,7 +88,7 @@ def test_every_front_end_gets_the_same_dtypes_per_stage(name, comfy_loaders, a11
 
     per_front_end = {
         "library/CLI": precision.compute_dtypes(device, None),
-        "HeadsUpLoader": precision.compute_dtypes(device, loaders.pick_dtype("auto", device)),
+        "HeadsUpLoader": precision.compute_dtypes(device, loaders.comfy_dtype("auto", device)),
         "A1111": precision.compute_dtypes(*script._device_dtype()),
     }
     ComfyHeadsUpModel = importlib.import_module(f"{pack_name}.nodes.comfy_model").ComfyHeadsUpModel

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import HeadsUpError, MissingDependencyError
+from .metrics import psnr as metrics_psnr
 
 FACE_PX = 100        # largest face width kept in the prepared photos (references keep this much detail)
 DETECT_SIDE = 1200   # photos are shrunk to this long side before detection (speed; faces here are large)
@@ -122,9 +123,8 @@ def lq_of(gt: torch.Tensor, seed: int, degrade) -> torch.Tensor:
 
 
 def psnr(a, b, m=None) -> float:
-    d = (a - b) ** 2
-    mse = d.mean() if m is None else (d * m).sum() / (m.sum() * a.shape[1]).clamp_min(1)
-    return 10 * math.log10(1.0 / max(float(mse), 1e-10))
+    """PSNR over the pixels where ``m`` (Bx1xHxW) is 1 (all when None); finite for identical crops."""
+    return metrics_psnr(a, b, mask=m, min_mse=1e-10)
 
 
 class IdentityJudge:

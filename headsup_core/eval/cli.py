@@ -106,7 +106,7 @@ def register(subparsers) -> None:
     ea.add_argument("--gt-size", type=int, default=96, help="GT crop size the arms were trained on (default 96)")
     ea.add_argument("-q", "--quiet", action="store_true", help="print only the table")
     ea.add_argument("-o", "--out", required=True, help="output folder (reports; prepared photos in OUT/data)")
-    ea.set_defaults(func=run_eval_arms_command)
+    ea.set_defaults(func=_run_eval_arms)
 
 
 def _analyzer(args, notes: dict):
@@ -171,7 +171,7 @@ def run_eval_command(args) -> int:
     return 0
 
 
-def run_eval_arms_command(args) -> int:
+def _run_eval_arms(args) -> int:
     from .arms import run_eval_arms_command as run
 
     return run(args)

@@ -232,9 +232,15 @@ class MetricSuite:
             return None
 
 
-def psnr(a, b, peak: float = 1.0, min_mse: float = 0.0) -> float:
+def psnr(a, b, peak: float = 1.0, min_mse: float = 0.0, mask=None) -> float:
     """PSNR in dB of ``a`` against ``b`` (tensors or arrays of one shape, values up to ``peak``), in float64; inf
-    for identical inputs unless ``min_mse`` floors the error (training logs average it, so keep it finite)."""
+    for identical inputs unless ``min_mse`` floors the error (training logs average it, so keep it finite).
+    ``mask`` (broadcastable, e.g. Bx1xHxW): only where it is non-zero, weighted by it."""
+    if mask is not None:
+        d = (torch.as_tensor(a).double() - torch.as_tensor(b).double()) ** 2
+        w = torch.as_tensor(mask).double().expand_as(d)
+        mse = max(float((d * w).sum() / max(float(w.sum()), 1.0)), min_mse)
+        return math.inf if mse == 0 else 10 * math.log10(peak ** 2 / mse)
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         mse = float(((torch.as_tensor(a).double() - torch.as_tensor(b).double()) ** 2).mean())
     else:

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..batch import IMAGE_SUFFIXES
 from ..errors import InputImageError, MissingModelError
 from .metrics import (
     FACE_METRICS,
@@ -31,7 +32,7 @@ from .metrics import (
 from .peak import PeakMeter
 
 METHODS = ("bicubic", "osediff", "blend", "headsup")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_EXTS = IMAGE_SUFFIXES  # the one image-suffix list (batch.py)
 
 
 @dataclass

@@ -23,13 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..batch import IMAGE_SUFFIXES
 from ..errors import HeadsUpError
 from .neighbours import UnionFind as _UnionFind
 from .neighbours import group_identities, near_duplicates
 from .quality import make_pyiqa_scorer
 
 log = logging.getLogger(__name__)
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+IMAGE_EXTS = IMAGE_SUFFIXES  # the one image-suffix list (batch.py)
 RULES = ["corrupt", "min_size", "aspect", "exact_duplicate", "face", "quality", "near_duplicate"]
 
 
