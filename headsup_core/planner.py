@@ -45,9 +45,9 @@ ATTENTION_CHUNKS, ATTENTION_MIN_CHUNK, ATTENTION_ALIGN = 32, 1024, 256
 def progress_units(backend, stage: str) -> list[torch.nn.Module]:
     """The modules of ``stage`` whose forward ends tick progress inside a tile (empty: a compiled UNet, which
     hooks would break, or a layout without known units: one tick per tile)."""
-    module = backend.unet if stage == "unet" else getattr(backend.vae, stage)
-    if type(module).__name__ == "OptimizedModule":  # torch.compile's wrapper (perf.compile_unet)
-        return []
+    module = backend.unet if stage == "unet" else getattr(backend.vae, stage, None)
+    if not isinstance(module, torch.nn.Module) or type(module).__name__ == "OptimizedModule":
+        return []  # not a module we can hook, or torch.compile's wrapper (perf.compile_unet)
     return [m for m in module.modules() if type(m).__name__ in PROGRESS_UNITS]
 
 
