@@ -48,9 +48,20 @@ def start_comfy(comfy_path: str, device: str):
     import comfy.options
 
     comfy.options.enable_args_parsing()
-    import nodes as comfy_nodes
+    # ComfyUI's top-level nodes.py, loaded by its path (the pack's own ``nodes/`` package shares the name, and
+    # ComfyUI's modules import it as ``nodes``, so it is registered under that name).
+    import importlib.util
 
-    return comfy_nodes
+    loaded = sys.modules.get("nodes")
+    if loaded is not None and Path(getattr(loaded, "__file__", "")).resolve() != Path(comfy_path, "nodes.py").resolve():
+        raise RuntimeError(f"'nodes' is already imported from {loaded.__file__}, not ComfyUI's; run this script "
+                           "in a fresh process with COMFYUI_PATH set.")
+    if loaded is None:
+        spec = importlib.util.spec_from_file_location("nodes", Path(comfy_path) / "nodes.py")
+        loaded = importlib.util.module_from_spec(spec)
+        sys.modules["nodes"] = loaded
+        spec.loader.exec_module(loaded)
+    return loaded
 
 
 def _image(h: int, w: int) -> np.ndarray:
