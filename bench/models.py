@@ -4,7 +4,9 @@
 once as an LDM-layout single file in fp16 (how SD2.x checkpoints are usually shared; ~1.9 GB, UNet + VAE, no
 text encoder) and read back through ``HeadsUpPipeline.from_files``, so loading, its dtypes and its peak memory
 are part of every row. No HeadsUp weights exist, so conv_in is widened with zeros and the text conditioning is a
-fixed random embedding (the file has no text encoder). ``tiny``: the ``make-tiny`` model.
+fixed random embedding (the file has no text encoder). ``sd21-folder``: the same architecture from the next seed,
+as an fp32 diffusers folder (UNet + VAE, no text encoder) read through the same ``from_files``, so the two base
+formats' peak memory can be compared at the same settings. ``tiny``: the ``make-tiny`` model.
 """
 from __future__ import annotations
 
@@ -97,6 +99,8 @@ def build_pipeline(model: str, files: str, device, dtype_requested, seed: int, *
     logging.getLogger("headsup").addFilter(_Quiet())
     if model == "tiny":
         base, weights = Path(files) / "base", Path(files) / "headsup.safetensors"
+    elif model == "sd21-folder":  # the second weight set, from seed + 1, as the fp32 diffusers folder it is shared as
+        base, weights = sd21_diffusers_set(files, seed + 1)[0], None
     else:
         base, weights = Path(files) / SD21_FILE.format(seed=seed), None
     if defaults:
@@ -106,7 +110,7 @@ def build_pipeline(model: str, files: str, device, dtype_requested, seed: int, *
         m, info = build_model(base, weights, device, "fp32", weight_dtype="fp32")
         m.to(memory_format=torch.contiguous_format)
         pipe = HeadsUpPipeline(m, info.pop("text_encoder_loader"), info)
-    if model == "sd21":
+    if model.startswith("sd21"):
         gen = torch.Generator().manual_seed(seed + EMBED_SEED_OFFSET)
         embeds = torch.randn(1, 77, pipe.model.cross_attention_dim, generator=gen)
         pipe.model.default_prompt_embeds = embeds.to(pipe.model.default_prompt_embeds.device)

@@ -37,7 +37,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python bench/pipeline.py`: the repository root holds headsup_core and bench
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.memstat import available_bytes, rss_bytes  # noqa: E402
-from bench.models import build_pipeline, default_files_dir, sd21_single_file  # noqa: E402
+from bench.models import build_pipeline, default_files_dir, sd21_diffusers_set, sd21_single_file  # noqa: E402
 from bench.report import code_version, fmt, format_table  # noqa: E402
 from headsup_core.eval.metrics import psnr  # noqa: E402
 
@@ -192,6 +192,12 @@ def worker(job: dict) -> dict:
     scale = job.get("scale", SCALE)  # the output size over the input's (bench/gpu_check.py also runs x2)
     lq_np = rng.integers(0, 256, (h // scale, w // scale, 3), dtype=np.uint8)
     lq = torch.from_numpy(lq_np).permute(2, 0, 1)[None].float() / 255  # 1x3xhxw in 0..1
+    if job.get("estimate_only"):  # memory.py's figure for sizes too slow to run here: nothing is upscaled
+        plan = pipe.plan((h // scale, w // scale), pipe_options(job, untiled_plan()))
+        res.update(status="estimate only (not run)", tiles=plan.describe(),
+                   estimate_gb={k: v / 1e9 for k, v in plan.estimate.items()},
+                   peak_gb=(rss_bytes() + plan.estimate["activations"]) / 1e9, peak_kind="RSS after build + estimate")
+        return res
 
     if dev.type == "cpu":
         # A large VAE pass can take the whole machine down (no OOM exception on Linux CPU): skip a path whose
@@ -302,7 +308,7 @@ def run_worker(job: dict, threads: int | None) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=["tiny", "sd21"], default="tiny",
+    ap.add_argument("--model", choices=["tiny", "sd21", "sd21-folder"], default="tiny",
                     help="tiny make-tiny model, or the SD2.1-size architecture with random weights (default tiny)")
     ap.add_argument("--sizes", default="1K,2K,4K",
                     help="comma-separated output sizes: 1K=1024x1024, 2K=2048x2048, 4K=3840x2160, FHD=1920x1080, "
@@ -333,6 +339,9 @@ def main(argv=None) -> int:
                     help="CPU: skip the untiled reference when its estimate exceeds this (default: available - 2 GB)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write all results to this JSON file")
+    ap.add_argument("--estimate-only", action="store_true",
+                    help="build the model and print memory.py's estimate for each size under these settings, without "
+                         "upscaling (for sizes that take too long to run)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -353,7 +362,7 @@ def main(argv=None) -> int:
     if warmup is None:
         from headsup_core.devices import pick_device
 
-        warmup = 0 if args.model == "sd21" and pick_device(args.device).type == "cpu" else 1
+        warmup = 0 if args.model.startswith("sd21") and pick_device(args.device).type == "cpu" else 1
 
     results = []
     with tempfile.TemporaryDirectory(prefix="headsup-bench-") as tmp:
@@ -362,6 +371,9 @@ def main(argv=None) -> int:
 
             log("writing the tiny models")
             files = str(make_tiny(Path(tmp) / "tiny")["root"])
+        elif args.model == "sd21-folder":
+            log(f"the SD2.1-size fp32 diffusers folder (written once) in {args.files_dir}")
+            files = str(sd21_diffusers_set(args.files_dir, args.seed + 1)[0].parents[1])
         else:
             log(f"the SD2.1-size fp16 single file (written once) in {args.files_dir}")
             files = str(sd21_single_file(args.files_dir, args.seed).parent)
@@ -374,7 +386,7 @@ def main(argv=None) -> int:
                    "repeats": args.repeats, "warmup": warmup, "seed": args.seed, "tile_size": args.tile_size,
                    "files": files, "weight_dtype": args.weight_dtype,
                    "memory_budget_mb": args.memory_budget_mb, "mem_limit_gb": args.mem_limit_gb,
-                   "compile": args.compile and path == "ours",
+                   "compile": args.compile and path == "ours", "estimate_only": args.estimate_only,
                    "save_to": saved, "compare_to": saved}
             results.append(run_worker(job, args.threads))
             results[-1]["compile"] = job["compile"]
@@ -387,7 +399,7 @@ def main(argv=None) -> int:
     print(table, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
-    return 0 if all(r.get("status", "").startswith(("ok", "skipped", "OOM")) for r in results) else 1
+    return 0 if all(r.get("status", "").startswith(("ok", "skipped", "OOM", "estimate")) for r in results) else 1
 
 
 if __name__ == "__main__":

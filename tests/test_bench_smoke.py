@@ -81,6 +81,21 @@ def test_untiled_reference_is_skipped_not_run_when_it_would_not_fit(tmp_path):
     assert "| tiny | 256x256 | ref | float32 | skipped |" in proc.stdout
 
 
+def test_estimate_only_builds_but_does_not_upscale(tmp_path):
+    """Sizes too slow to run get memory.py's estimate under the same settings, and say it was not run."""
+    import json
+
+    out_json = tmp_path / "bench.json"
+    proc = _run("--model", "tiny", "--sizes", "256,1024", "--device", "cpu", "--paths", "ours", "--estimate-only",
+                "--memory-budget-mb", "100", "--json", str(out_json))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out_json.read_text())
+    assert [r["status"] for r in rows] == ["estimate only (not run)"] * 2 and "runs" not in rows[0]
+    small, large = (r["estimate_gb"] for r in rows)
+    assert large["images"] == pytest.approx(16 * small["images"])  # 16x the pixels
+    assert rows[1]["peak_gb"] >= large["activations"] and rows[1]["tiles"]
+
+
 @pytest.mark.slow
 def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     """bench/gpu_check.sh --device cpu --dry-run: every row of the GPU check's table runs (small sizes, the tiny
@@ -100,3 +115,15 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     assert sum("+compile" in row for row in rows) == 2
     psnr = [float(row.split("|")[6]) for row in rows if "ours" in row]
     assert all(p > 30 for p in psnr), psnr  # half precision lands near the fp32 reference
+
+
+def test_load_memory_reports_each_base_format(tiny_models):
+    bases = f"{tiny_models['base_single']},{tiny_models['base']}"
+    proc = subprocess.run([sys.executable, "-m", "bench.load_memory", "--bases", bases, "--weight-dtype", "fp16"],
+                          capture_output=True, text=True, timeout=600, cwd=BENCH.parents[1], check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = re.findall(r"^\| (\S+) \| float16 \| [0-9.]+ \| ([0-9.]+) GB \| \*\*([0-9.]+) GB\*\* \|", proc.stdout,
+                      re.MULTILINE)
+    assert [r[0] for r in rows] == [Path(tiny_models["base_single"]).name, Path(tiny_models["base"]).name]
+    assert all(float(peak) >= float(loaded) > 0 for _, loaded, peak in rows)

@@ -1,4 +1,4 @@
-"""Loading the SD2.x base (UNet + VAE) offline, from a diffusers folder or one single-file checkpoint.
+"""Loading the SD2.x base (UNet + VAE) offline, from a diffusers folder or one single-file checkpoint, each stage straight into its dtype.
 
 Single files (ComfyUI's ``v2-1_512-ema-pruned.safetensors``, ``sd_turbo.safetensors`` ...) are read safely
 (safetensors, or ``torch.load(weights_only=True)``), their architecture is identified from the tensor names
@@ -20,6 +20,7 @@ from ..errors import MissingModelError, WeightsError
 from .stream import SingleFile
 from .text_encoder import (TEXT_PREFIXES, check_text_tower, quiet_transformers, sd2_tokenizer, single_file_text_loader,
                            text_config, text_layout)
+from .folder import component_files, component_header, read_component
 from .weight_files import check_present
 
 log = logging.getLogger("headsup")
@@ -31,6 +32,8 @@ TINY_CONFIG_KEY = "headsup_base_config"  # metadata key with diffusers configs, 
 
 @dataclass
 class BaseModels:
+    """An SD2.x base. ``open_base`` fills everything but ``unet`` and ``vae`` from headers and configs alone;
+    ``load_models`` reads those two (``read``, private, does it)."""
     unet: Any
     vae: Any
     prediction_type: str  # "epsilon" | "v_prediction"
@@ -40,6 +43,7 @@ class BaseModels:
     extra: dict = field(default_factory=dict)
     layout: str = "diffusers"  # single files: "ldm" (v2-1) or "sgm" (SD-Turbo); "none" without a text encoder
     fingerprint: str = ""
+    read: Callable[[dict], tuple[Any, Any]] | None = field(default=None, repr=False)  # dtypes -> (unet, vae)
 
     @property
     def cache_key(self) -> str:
@@ -53,19 +57,30 @@ FINGERPRINT_KEYS = ("time_embedding.linear_1.weight", "time_embedding.linear_2.w
                     "conv_norm_out.bias", "mid_block.resnets.0.norm1.weight")
 
 
-def base_fingerprint(unet) -> str:
-    """A short hash of the base UNet's weights (rounded to fp16, so fp16 and fp32 copies of one model agree)."""
+# The same tensors under their LDM single-file names, so a base is fingerprinted from its file before loading.
+LDM_FINGERPRINT_KEYS = dict(zip(FINGERPRINT_KEYS, (f"{LDM_UNET}time_embed.0.weight", f"{LDM_UNET}time_embed.2.weight",
+                                                   f"{LDM_UNET}out.0.weight", f"{LDM_UNET}out.0.bias",
+                                                   f"{LDM_UNET}middle_block.0.in_layers.0.weight")))
+
+
+def fingerprint_of(tensors: dict[str, torch.Tensor]) -> str:
+    """A short hash of the FINGERPRINT_KEYS tensors (diffusers names), rounded to fp16 so that fp16 and fp32 copies
+    of one model agree."""
     import hashlib
 
-    own = dict(unet.named_parameters())
     h = hashlib.sha256()
     for key in FINGERPRINT_KEYS:
-        t = own.get(key)
+        t = tensors.get(key)
         if t is None:
             continue
         h.update(key.encode())
         h.update(t.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def base_fingerprint(unet) -> str:
+    """The fingerprint of a loaded base UNet (equal to the one ``open_base`` reads from its file)."""
+    return fingerprint_of(dict(unet.named_parameters()))
 
 
 def identify_architecture(sd: dict[str, torch.Tensor]) -> str:
@@ -173,18 +188,12 @@ def _check_shapes(model: torch.nn.Module, state: dict, what: str, path: str) -> 
             )
 
 
-def load_single_file(path: str, prediction_type: str | None = None, configs: dict | None = None,
-                     dtypes: dict | None = None) -> BaseModels:
-    """An SD2.x single file (LDM or sgm layout) -> UNet, VAE and a lazy loader for its text encoder.
-
-    The file is identified from its header (names, shapes), then only the UNet's and the VAE's tensors are read,
-    each straight into its stage's dtype (``dtypes``: ``{"unet", "encoder", "decoder"}``, default fp32; see
-    stream.py): no whole-file copy and no fp32 copy on the way. ``configs`` overrides the shipped SD2 configs
-    (``{"unet": ..., "vae": ..., "text_encoder": ...}``), for smaller models of the same layout such as the ones
-    ``make-tiny`` writes.
-    """
+def open_single_file(path: str, prediction_type: str | None = None, configs: dict | None = None) -> BaseModels:
+    """An SD2.x single file (LDM or sgm layout), identified from its header (names, shapes): prediction type,
+    text-encoder loader and fingerprint, with no UNet or VAE read yet. ``configs`` overrides the shipped SD2
+    configs (``{"unet": ..., "vae": ..., "text_encoder": ...}``), for smaller models of the same layout such as
+    the ones ``make-tiny`` writes."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
     check_present(path)
     src = SingleFile(path)
@@ -207,76 +216,116 @@ def load_single_file(path: str, prediction_type: str | None = None, configs: dic
         loader = single_file_text_loader(path, layout, kept, configs.get("text_encoder"))
     pred = prediction_type or meta.get("prediction_type") or guess_prediction_type(
         src.read(src.keys_with_prefix(f"{LDM_UNET}output_blocks.11.1.transformer_blocks.0.norm1.bias")))
-    want = {"unet": torch.float32, "encoder": torch.float32, "decoder": torch.float32, **(dtypes or {})}
+    ldm = src.read([k for k in LDM_FINGERPRINT_KEYS.values() if k in header])
+    fingerprint = fingerprint_of({k: ldm[v] for k, v in LDM_FINGERPRINT_KEYS.items() if v in ldm})
 
-    def vae_rule(key: str, _stored: torch.dtype) -> torch.dtype:
-        part = key[len("first_stage_model."):].split(".", 1)[0]
-        return want["decoder"] if part in ("decoder", "post_quant_conv") else want["encoder"]
+    def read(want: dict) -> tuple[Any, Any]:
+        from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
-    # diffusers' own key conversion, on the UNet's tensors only (EMA copies and the text tower are never read)
-    unet_sd = convert_ldm_unet_checkpoint(src.read(src.keys_with_prefix(LDM_UNET), lambda k, d: want["unet"]),
-                                          dict(unet_cfg))
-    unet = _build(UNet2DConditionModel, unet_cfg, unet_sd, "UNet", path)
-    del unet_sd
-    vae_sd = convert_ldm_vae_checkpoint(src.read(src.keys_with_prefix("first_stage_model."), vae_rule),
-                                        dict(vae_cfg))
-    vae = _build(AutoencoderKL, vae_cfg, vae_sd, "VAE", path)
-    src.close()
-    return BaseModels(unet, vae, pred, "sd2", path, text_encoder_loader=loader, layout=layout,
-                      fingerprint=base_fingerprint(unet))
+        def vae_rule(key: str, _stored: torch.dtype) -> torch.dtype:
+            part = key[len("first_stage_model."):].split(".", 1)[0]
+            return want["decoder"] if part in ("decoder", "post_quant_conv") else want["encoder"]
+
+        # diffusers' own key conversion, on the UNet's tensors only (EMA copies and the text tower are never read)
+        unet_sd = convert_ldm_unet_checkpoint(src.read(src.keys_with_prefix(LDM_UNET), lambda k, d: want["unet"]),
+                                              dict(unet_cfg))
+        unet = _build(UNet2DConditionModel, unet_cfg, unet_sd, "UNet", path)
+        del unet_sd
+        vae_sd = convert_ldm_vae_checkpoint(src.read(src.keys_with_prefix("first_stage_model."), vae_rule),
+                                            dict(vae_cfg))
+        vae = _build(AutoencoderKL, vae_cfg, vae_sd, "VAE", path)
+        src.close()
+        return unet, vae
+
+    return BaseModels(None, None, pred, "sd2", path, text_encoder_loader=loader, layout=layout,
+                      fingerprint=fingerprint, read=read)
 
 
-def _check_diffusers_arch(unet, vae, path: str) -> None:
-    cfg = unet.config
-    if getattr(cfg, "addition_embed_type", None) == "text_time":
+def _check_diffusers_arch(unet_cfg: dict, vae_cfg: dict, path: str) -> None:
+    if unet_cfg.get("addition_embed_type") == "text_time":
         raise _wrong_arch_error(path, "sdxl")
-    if not getattr(cfg, "use_linear_projection", False):
+    if not unet_cfg.get("use_linear_projection", False):
         raise _wrong_arch_error(path, "sd1")
-    if vae.config.latent_channels != 4:
-        raise WeightsError(f"{path}: the VAE has {vae.config.latent_channels} latent channels; SD2.x needs 4.")
+    if vae_cfg.get("latent_channels", 4) != 4:
+        raise WeightsError(f"{path}: the VAE has {vae_cfg['latent_channels']} latent channels; SD2.x needs 4.")
 
 
-def load_diffusers_folder(path: str, prediction_type: str | None = None, dtypes: dict | None = None) -> BaseModels:
+def _folder_text_loader(path: str) -> Callable[[], tuple[Any, Any]]:
+    def load():
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        with quiet_transformers():
+            if os.path.isdir(os.path.join(path, "tokenizer")):
+                tok = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+            else:
+                tok = sd2_tokenizer()
+            enc = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)
+        return tok, enc.eval()
+    return load
+
+
+def open_diffusers_folder(path: str, prediction_type: str | None = None) -> BaseModels:
+    """A diffusers folder (``unet/``, ``vae/``, optional ``text_encoder/``, ``scheduler/``), identified from its
+    configs and headers; its weights are read like a single file's (folder.py), straight into each stage's dtype."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
+    cfgs, files = {}, {}
     for sub in ("unet", "vae"):
         cfg = os.path.join(path, sub, "config.json")
         if not os.path.isfile(cfg):
             raise MissingModelError(
                 f"{path} is not a diffusers model folder: {cfg} is missing (expected unet/ and vae/ subfolders)."
             )
-    try:
-        want = dtypes or {}
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True,
-                                                    torch_dtype=want.get("unet", torch.float32))
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True,
-                                            torch_dtype=want.get("encoder", torch.float32))
-        for part in (vae.decoder, getattr(vae, "post_quant_conv", None)):
-            if part is not None:
-                part.to(want.get("decoder", torch.float32))
-    except (OSError, ValueError, RuntimeError, EnvironmentError) as err:
-        raise WeightsError(f"Cannot load the diffusers model in {path}: {err}") from None
-    _check_diffusers_arch(unet, vae, path)
+        try:
+            cfgs[sub] = dict((UNet2DConditionModel if sub == "unet" else AutoencoderKL).load_config(
+                os.path.join(path, sub), local_files_only=True))
+        except (OSError, ValueError) as err:
+            raise WeightsError(f"Cannot read {cfg}: {err}") from None
+        files[sub] = component_files(path, sub)
+        if not files[sub]:
+            raise MissingModelError(f"{path}/{sub} has a config.json but no weights (diffusion_pytorch_model."
+                                    "safetensors or .bin); re-download the model folder.")
+    _check_diffusers_arch(cfgs["unet"], cfgs["vae"], path)
     pred = prediction_type
     sched_cfg = os.path.join(path, "scheduler", "scheduler_config.json")
     if pred is None and os.path.isfile(sched_cfg):
         with open(sched_cfg) as f:
             pred = json.load(f).get("prediction_type")
-    loader = None
-    if os.path.isdir(os.path.join(path, "text_encoder")):
-        def loader(path=path):
-            from transformers import CLIPTextModel, CLIPTokenizer
+    has_text = os.path.isdir(os.path.join(path, "text_encoder"))
+    fingerprint = fingerprint_of(read_component(files["unet"], keys=set(FINGERPRINT_KEYS)))
+
+    def read(want: dict) -> tuple[Any, Any]:
+        def vae_rule(key: str, _stored: torch.dtype) -> torch.dtype:
+            return want["decoder"] if key.startswith(("decoder.", "post_quant_conv.")) else want["encoder"]
+
+        try:
+            unet = _build(UNet2DConditionModel, cfgs["unet"], read_component(files["unet"], lambda k, d: want["unet"]),
+                          "UNet", path)
+            vae = _build(AutoencoderKL, cfgs["vae"], read_component(files["vae"], vae_rule), "VAE", path)
+        except WeightsError as err:  # e.g. a folder from before diffusers renamed the VAE attention tensors
+            log.info("HeadsUp: %s Reading it with diffusers' from_pretrained instead.", err)
+            return _from_pretrained(path, want)
+        return unet, vae
+
+    return BaseModels(None, None, pred or "epsilon", "sd2", path,
+                      text_encoder_loader=_folder_text_loader(path) if has_text else None,
+                      layout="diffusers" if has_text else "none", fingerprint=fingerprint, read=read)
 
 
-            with quiet_transformers():
-                if os.path.isdir(os.path.join(path, "tokenizer")):
-                    tok = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
-                else:
-                    tok = sd2_tokenizer()
-                enc = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)
-            return tok, enc.eval()
-    return BaseModels(unet.eval(), vae.eval(), pred or "epsilon", "sd2", path, text_encoder_loader=loader,
-                      layout="diffusers" if loader else "none", fingerprint=base_fingerprint(unet))
+def _from_pretrained(path: str, want: dict) -> tuple[Any, Any]:
+    """diffusers' own folder loading (it converts old tensor names); peaks at the stored and the cast copy."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True,
+                                                    torch_dtype=want["unet"])
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True, torch_dtype=want["encoder"])
+    except (OSError, ValueError, RuntimeError, EnvironmentError) as err:
+        raise WeightsError(f"Cannot load the diffusers model in {path}: {err}") from None
+    for part in (vae.decoder, getattr(vae, "post_quant_conv", None)):
+        if part is not None:
+            part.to(want["decoder"])
+    return unet.eval(), vae.eval()
 
 
 def base_param_count(path: str | os.PathLike) -> int:
@@ -284,8 +333,8 @@ def base_param_count(path: str | os.PathLike) -> int:
     path = os.fspath(path)
     try:
         if os.path.isdir(path):
-            files = [os.path.join(path, sub, "diffusion_pytorch_model.safetensors") for sub in ("unet", "vae")]
-            return sum(sum(t.numel() for t in SingleFile(f).header.values()) for f in files if os.path.isfile(f))
+            files = [f for sub in ("unet", "vae") for f in component_files(path, sub) if f.endswith(".safetensors")]
+            return sum(t.numel() for t in component_header(files).values())
         if path.endswith(".safetensors") and os.path.isfile(path):
             header = SingleFile(path).header
             return sum(t.numel() for k, t in header.items() if k.startswith((LDM_UNET, "first_stage_model.")))
@@ -294,12 +343,11 @@ def base_param_count(path: str | os.PathLike) -> int:
     return 0
 
 
-def load_base(path: str | os.PathLike, prediction_type: str | None = None, configs: dict | None = None,
-              dtypes: dict | None = None) -> BaseModels:
-    """Load an SD2.x base from a diffusers folder or a single ``.safetensors``/``.ckpt`` file, on the CPU.
-
-    ``dtypes`` (``{"unet", "encoder", "decoder"}``, default fp32 each) are the dtypes the weights are read in.
-    ``configs`` (single files only) overrides the shipped SD2 configs: ``{"unet", "vae", "text_encoder"}``."""
+def open_base(path: str | os.PathLike, prediction_type: str | None = None, configs: dict | None = None) -> BaseModels:
+    """Identify an SD2.x base (a diffusers folder or a single ``.safetensors``/``.ckpt`` file) from its headers and
+    configs: everything but the UNet and VAE, which ``load_models`` reads. Wrong files are refused here, before any
+    large read. ``configs`` (single files only) overrides the shipped SD2 configs: ``{"unet", "vae",
+    "text_encoder"}``."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise MissingModelError(
@@ -307,11 +355,27 @@ def load_base(path: str | os.PathLike, prediction_type: str | None = None, confi
             "v2-1_512-ema-pruned.safetensors (ComfyUI keeps them in models/checkpoints)."
         )
     if os.path.isdir(path):
-        base = load_diffusers_folder(path, prediction_type, dtypes)
+        base = open_diffusers_folder(path, prediction_type)
     elif path.lower().endswith(SINGLE_FILE_SUFFIXES):
-        base = load_single_file(path, prediction_type, configs, dtypes)
+        base = open_single_file(path, prediction_type, configs)
     else:
         raise WeightsError(f"Unsupported base model file {path}; use .safetensors or .ckpt, or a diffusers folder.")
     if base.prediction_type not in ("epsilon", "v_prediction"):
         raise WeightsError(f"Unsupported prediction type {base.prediction_type!r} in {path}.")
     return base
+
+
+def load_models(base: BaseModels, dtypes: dict | None = None) -> BaseModels:
+    """Read ``base``'s UNet and VAE (on the CPU), each stage straight into its dtype (``{"unet", "encoder",
+    "decoder"}``, default fp32): no whole-file copy and no fp32 copy on the way, for folders as for single files."""
+    if base.unet is None:
+        want = {"unet": torch.float32, "encoder": torch.float32, "decoder": torch.float32, **(dtypes or {})}
+        base.unet, base.vae = base.read(want)
+        base.read = None  # the file handles and configs are not needed again
+    return base
+
+
+def load_base(path: str | os.PathLike, prediction_type: str | None = None, configs: dict | None = None,
+              dtypes: dict | None = None) -> BaseModels:
+    """``open_base`` then ``load_models``: an SD2.x base with its UNet and VAE loaded on the CPU."""
+    return load_models(open_base(path, prediction_type, configs), dtypes)

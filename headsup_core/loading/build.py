@@ -10,7 +10,7 @@ from .. import devices
 from ..licences import describe_licence
 from ..model import HeadsUpModel
 from ..precision import compute_dtypes, dtype_name, storage_dtypes
-from .base import base_param_count, load_base
+from .base import base_param_count, load_models, open_base
 from .dtypes import apply_storage
 from .surgery import widen_conv_in
 from .text_encoder import PromptEncoder, osediff_prompt
@@ -41,36 +41,38 @@ def build_model(base, weights=None, device=None, dtype=None, *, prediction_type:
     run = torch.device(compute_device) if compute_device is not None else dev
     compute = compute_dtypes(run, dtype)
     storage = storage_dtypes(run, compute, weight_dtype, 4 * base_param_count(base))
-    base_models = load_base(base, prediction_type, configs=configs, dtypes=storage)
-    pred, timestep, embeds, meta = base_models.prediction_type, 999, None, {}
+    base_models = open_base(base, prediction_type, configs=configs)  # headers only: wrong files fail here
+    pred, timestep, embeds, meta, loaded = base_models.prediction_type, 999, None, {}, None
     if weights is not None:
         loaded = load_weights(weights)
         for warning in base_warnings(base_models, loaded):
             log.warning("HeadsUp: %s", warning)
-        apply_weights(base_models.unet, base_models.vae, loaded)
         meta, embeds, timestep = dict(loaded.metadata), loaded.prompt_embeds, loaded.timestep
         if loaded.kind == "headsup" and prediction_type is None:
             pred = meta.get("prediction_type", pred)
-    else:
-        widen_conv_in(base_models.unet)
-        log.warning("No HeadsUp weights given: running the bare base model (output is not super-resolved "
-                    "meaningfully; use this only for install checks).")
     for path in (base, weights):
         if path is not None:
             note = describe_licence(str(path))
             if note:
                 log.info(note)
     loader = base_models.text_encoder_loader
+    if embeds is None and loader is not None:
+        # Before the UNet is read: the text encoder (1.4 GB for SD2) and the UNet are never in memory together.
+        embeds = PromptEncoder(loader, base_models.cache_key).encode(osediff_prompt())
+    load_models(base_models, storage)
+    if loaded is not None:
+        apply_weights(base_models.unet, base_models.vae, loaded)
+    else:
+        widen_conv_in(base_models.unet)
+        log.warning("No HeadsUp weights given: running the bare base model (output is not super-resolved "
+                    "meaningfully; use this only for install checks).")
     if embeds is None:
-        if loader is not None:
-            embeds = PromptEncoder(loader, base_models.cache_key).encode(osediff_prompt())
-        else:
-            log.warning(
-                "HeadsUp: WARNING: no text conditioning. The weights store no prompt embedding and the base %s "
-                "has no text encoder, so the UNet gets an all-zero embedding, which OSEDiff never saw (every "
-                "cross-attention layer then outputs a constant). Fix: use a base file that contains its text "
-                "encoder (e.g. v2-1_512-ema-pruned.safetensors), or store the embedding once with "
-                "`headsup convert-osediff IN.pkl -o OUT.safetensors --base <SD2.1-base file>`.", base)
+        log.warning(
+            "HeadsUp: WARNING: no text conditioning. The weights store no prompt embedding and the base %s "
+            "has no text encoder, so the UNet gets an all-zero embedding, which OSEDiff never saw (every "
+            "cross-attention layer then outputs a constant). Fix: use a base file that contains its text "
+            "encoder (e.g. v2-1_512-ema-pruned.safetensors), or store the embedding once with "
+            "`headsup convert-osediff IN.pkl -o OUT.safetensors --base <SD2.1-base file>`.", base)
     model = HeadsUpModel(base_models.vae, base_models.unet, pred, timestep, embeds, sample_latent, meta)
     model.requires_grad_(False).eval()
     model.to(device=dev)

@@ -312,10 +312,10 @@ def convert_osediff(pkl_path: str | os.PathLike, out_path: str | os.PathLike, in
 def convert_osediff_with_base(pkl_path, out_path, base, in_channels: int = 9) -> str:
     """``convert_osediff`` storing the default conditioning (``base``'s text encoder on ``", ,"``) and the base's
     fingerprint, so later runs need no text encoder and warn if used on another base."""
-    from .base import load_base
+    from .base import open_base
     from .text_encoder import PromptEncoder, osediff_prompt
 
-    b = load_base(base)
+    b = open_base(base)  # headers only: the text encoder and the fingerprint need no UNet
     if b.text_encoder_loader is None:
         raise WeightsError(f"{base} has no text encoder, so the default prompt embedding cannot be computed; "
                            "give an SD2.1-base file that contains one (e.g. v2-1_512-ema-pruned.safetensors).")
