@@ -1,4 +1,5 @@
-"""Loading the SD2.x base (UNet + VAE) offline, from a diffusers folder or one single-file checkpoint, each stage straight into its dtype.
+"""Loading the SD2.x base (UNet + VAE) offline, from a diffusers folder or one single-file checkpoint, each stage
+straight into its dtype.
 
 Single files (ComfyUI's ``v2-1_512-ema-pruned.safetensors``, ``sd_turbo.safetensors`` ...) are read safely
 (safetensors, or ``torch.load(weights_only=True)``), their architecture is identified from the tensor names
