@@ -265,7 +265,7 @@ def test_osediff_weights_log_that_the_reference_is_ignored(webui, capsys):
         mod.set_options(enable=False)
     said = capsys.readouterr().out
     assert said.count("reference is ignored") == 1 and "conv_in" in said  # once, with the reason
-    assert list(out.getdata()) == list(plain.getdata()) == list(again.getdata())
+    assert out.tobytes() == plain.tobytes() == again.tobytes() and out.size == plain.size == again.size
 
 
 def test_tags_setting_gives_the_dape_tagger(webui, monkeypatch):

@@ -227,7 +227,7 @@ class PortraitCrops(torch.utils.data.Dataset):
         lq_shape = (g // self.scale, g // self.scale, 3)
         cond = build_face_condition(np.zeros(lq_shape, np.uint8), (g, g), None, refs or None, match_threshold=0.5,
                                     mask_without_reference=True, faces=faces)
-        return {"index": index, "seed": seed, "gt": torch.from_numpy(crop).permute(2, 0, 1).float().div(255),
+        return {"index": index, "seed": seed, "gt": torch.from_numpy(np.array(crop)).permute(2, 0, 1).float().div(255),
                 "canvas": cond.canvas[0], "mask": cond.mask[0], "has_ref": torch.tensor(cond.has_reference),
                 "boxes": torch.from_numpy(np.array(loss_boxes, np.float32).reshape(-1, 4)),
                 "align": torch.from_numpy(np.array(loss_align, np.float32).reshape(-1, 2, 3)),
