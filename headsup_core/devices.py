@@ -66,7 +66,24 @@ def oom_error_types() -> tuple[type[BaseException], ...]:
 OOM_ERRORS: tuple[type[BaseException], ...] = oom_error_types()
 
 
-_LIBC_TRIM: list = []
+_LIBC: list = []
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def _libc():
+    """glibc through ctypes, or None (musl, macOS, Windows: the calls below are then no-ops)."""
+    if not _LIBC:
+        import ctypes
+        import ctypes.util
+
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+            libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        except (OSError, AttributeError):
+            libc = None
+        _LIBC.append(libc)
+    return _LIBC[0]
 
 
 def return_freed_memory() -> None:
@@ -76,21 +93,26 @@ def return_freed_memory() -> None:
     raises its mmap threshold (up to 32 MB), so later tile-sized blocks come from the heap, and freed heap pages
     stay resident. A 64-tile decode (1024², 800 MB budget) peaked at 4.55 GB RSS that way, and at 2.17 GB with a
     fixed mmap threshold (the stage's estimate: 1.05 GB above the 1.1 GB before it)."""
-    if not _LIBC_TRIM:
-        import ctypes
-        import ctypes.util
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
-        trim = None
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            trim = getattr(libc, "malloc_trim", None)
-            if trim is not None:
-                trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-        except OSError:
-            pass
-        _LIBC_TRIM.append(trim)
-    if _LIBC_TRIM[0] is not None:
-        _LIBC_TRIM[0](0)
+
+_MAPPED_FROM: list[int] = []
+
+
+def map_large_blocks(threshold: int = 1 << 20) -> bool:
+    """From now on, serve every heap block of ``threshold`` bytes or more with its own mapping (glibc's
+    ``mallopt(M_MMAP_THRESHOLD)``), so a freed activation goes back to the OS at once instead of staying resident
+    (glibc otherwise raises the threshold to 32 MB as it goes). Process-wide and kept; applied once. Returns
+    whether it is in effect (False without glibc)."""
+    if _MAPPED_FROM:
+        return True
+    libc = _libc()
+    if libc is None or libc.mallopt(M_MMAP_THRESHOLD, int(threshold)) != 1:
+        return False
+    _MAPPED_FROM.append(int(threshold))
+    return True
 
 
 def version_counter(t: torch.Tensor) -> int:

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from . import devices, stages
+from . import devices, memory, stages
 from .color import apply_color_fix
 from .errors import HeadsUpError, InputImageError, InterruptedByUser
 from .faces import as_references, build_face_condition
@@ -185,6 +185,7 @@ class HeadsUpPipeline:
         embeds = None if tag_source is not None and prompt_embeds is None else self._prompt_embeds(prompt, prompt_embeds)
         if plan is None:
             plan = self.plan(batch.size, opts)
+        memory.hold_to_budget(plan.device, opts.memory_budget_mb)
         oh, ow = plan.out_hw
         log.debug("HeadsUp tiles for %dx%d: %s", ow, oh, plan.describe())
         ticks = stages.Progress(batch.rgb.shape[0] * plan.ticks_per_image(), progress, interrupt)

@@ -157,3 +157,44 @@ def test_nothing_calls_cuda_on_a_cpu_only_run(tiny_models, monkeypatch):
     out, info = pipe.upscale(_rgb(24, 24), 2, return_info=True)
     assert out.shape == (48, 48, 3) and info["timings"][0]["unet_s"] >= 0
     runner.upscale_with_retry(pipe, _rgb(16, 16), scale=2)
+
+
+def test_an_explicit_cpu_budget_maps_large_blocks_and_nothing_else_does(monkeypatch):
+    """A CPU run given a budget in MB keeps freed tile buffers from staying resident; the default budget, GPUs and
+    hosts (no budget in MB) leave the process's allocator alone."""
+    from headsup_core import devices, memory
+
+    calls = []
+    monkeypatch.setattr(devices, "map_large_blocks", lambda threshold=1 << 20: calls.append(threshold) or True)
+    assert not memory.hold_to_budget(torch.device("cpu"), None)
+    assert not memory.hold_to_budget(torch.device("cuda"), 800)
+    assert calls == []
+    assert memory.hold_to_budget(torch.device("cpu"), 800) and calls == [1 << 20]
+
+
+def test_upscale_with_a_budget_in_mb_applies_the_heap_rule(tiny_pipe, monkeypatch):
+    from headsup_core import devices
+    from headsup_core.options import UpscaleOptions
+
+    seen = []
+    monkeypatch.setattr(devices, "map_large_blocks", lambda threshold=1 << 20: seen.append(threshold) or True)
+    img = torch.rand(1, 32, 32, 3)
+    tiny_pipe.upscale(img, options=UpscaleOptions(scale=2))
+    assert seen == []
+    tiny_pipe.upscale(img, options=UpscaleOptions(scale=2, memory_budget_mb=200))
+    assert seen == [1 << 20]
+
+
+def test_map_large_blocks_on_this_libc():
+    """glibc (Linux CI) accepts the threshold, once; elsewhere it is a no-op that says so. In a child process: the
+    setting is process-wide."""
+    import subprocess
+    import sys
+
+    code = ("from headsup_core import devices; a = devices.map_large_blocks(); b = devices.map_large_blocks(); "
+            "devices.return_freed_memory(); print(a, b, devices._libc() is not None)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    applied, again, has_glibc = out.stdout.split()
+    assert applied == again == has_glibc
+    if sys.platform.startswith("linux"):
+        assert applied == "True"
