@@ -95,7 +95,8 @@ def memory_fraction(fraction: float | None, device: torch.device) -> float:
 def hold_to_budget(device: torch.device, budget_mb: float | None) -> bool:
     """A CPU run with a budget given in MB (``--memory-budget-mb``) keeps its peak to that budget: large blocks
     are mapped one by one (``devices.map_large_blocks``), so freed tile buffers do not stay resident. Measured at
-    1024², 800 MB, fp16 UNet weights: peak RSS 4.33 -> 3.73 GB, time +5 % (docs/benchmark.md). Without a budget
+    1024², 800 MB, fp16 UNet weights: peak RSS 4.33 -> 3.82 GB (single file) and 4.58 -> 3.87 GB (diffusers
+    folder), time +2-4 % (docs/benchmark.md). Without a budget
     in MB (the default budget, and ComfyUI and A1111, which manage their own memory) the allocator is left alone.
     Returns whether it applies."""
     if budget_mb is None or torch.device(device).type != "cpu":
