@@ -147,3 +147,14 @@ def test_text_encoder_runs_before_the_unet_is_read(tiny_models, monkeypatch, key
     assert events == [("text", True), ("models", True)]
     assert model.default_prompt_embeds.abs().sum() > 0
     assert info["base_fingerprint"] == base_fingerprint(load_base(tiny_models[key]).unet)
+
+
+def test_truncated_weights_or_broken_config_in_a_folder_are_refused_in_one_sentence(tiny_models, tmp_path):
+    broken = _copy_folder(tiny_models["base"], tmp_path / "broken")
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(HeadsUpError, match="corrupt or truncated"):
+        load_base(broken)
+    (broken / "vae" / "config.json").write_text("{not json")
+    with pytest.raises(HeadsUpError, match="Cannot read .*config.json"):
+        open_base(broken)
